@@ -1,0 +1,1 @@
+"""Thin click commands: they parse options and call the library."""

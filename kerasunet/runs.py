@@ -1,0 +1,105 @@
+"""The run folder contract: what ``kerasunet train`` writes and what predict/evaluate/export read.
+
+A run folder ``RUN_DIR`` holds::
+
+    best.keras          the best model (lowest validation loss), Keras 3 format
+    config.json         every setting (schema below), the git commit and the manifest hash
+    history.csv         one row per epoch (loss, val_loss, per-channel dice/iou, lr)
+    timing.csv          seconds per epoch
+    learning_curves.png train/validation loss and Dice per epoch
+    checkpoints/        resumable state (model + optimiser), written atomically each epoch
+    logs/               TensorBoard
+
+``config.json`` keys used outside training::
+
+    {"model": {"input_channels": C, "num_outputs": N, "filters": F, "depth": D, "dropout": p},
+     "data":  {"modality": "ct"|"mri", "context": K, "norm": NormSettings.to_dict(),
+               "image_size": [H, W] | null, "records": "...", "manifest_sha256": "..."},
+     "train": {...}, "git_commit": "...", "kerasunet_version": "..."}
+
+A ``.keras`` file may be given instead of a run folder when a ``config.json`` sits next to it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kerasunet.preprocessing import NormSettings
+
+MODEL_FILE = "best.keras"
+CONFIG_FILE = "config.json"
+
+
+class RunError(ValueError):
+    """A path that is not a usable kerasunet run or model. The message names the path."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What inference needs to know about a trained model."""
+
+    model_path: Path
+    config: dict
+
+    @property
+    def modality(self) -> str:
+        return self.config["data"]["modality"]
+
+    @property
+    def context(self) -> int:
+        return int(self.config["data"].get("context", 0))
+
+    @property
+    def norm(self) -> NormSettings:
+        return NormSettings.from_dict(self.config["data"]["norm"])
+
+    @property
+    def depth(self) -> int:
+        return int(self.config["model"]["depth"])
+
+    @property
+    def input_channels(self) -> int:
+        return int(self.config["model"]["input_channels"])
+
+
+def resolve_run(path: str | Path) -> RunInfo:
+    """Finds the model file and config of a run folder or ``.keras`` file.
+
+    Raises:
+        RunError: no model or no config.json is found, or the config is not kerasunet's.
+    """
+    path = Path(path)
+    if path.is_dir():
+        model_path, config_path = path / MODEL_FILE, path / CONFIG_FILE
+    else:
+        model_path, config_path = path, path.parent / CONFIG_FILE
+    if not model_path.exists():
+        raise RunError(f"{model_path}: no model file (expected a run folder holding {MODEL_FILE} "
+                       "or a .keras file)")
+    if not config_path.exists():
+        raise RunError(f"{config_path}: missing; a kerasunet model needs the config.json of its run")
+    try:
+        config = json.loads(config_path.read_text())
+        config["data"]["modality"], config["data"]["norm"], config["model"]["depth"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{config_path}: not a kerasunet run config ({exc})") from None
+    return RunInfo(model_path=model_path, config=config)
+
+
+def load_model(info: RunInfo):
+    """Loads the Keras model of a run with ``safe_mode=True`` (no code from the file runs).
+
+    Raises:
+        RunError: the file is not a Keras model kerasunet can load.
+    """
+    import keras
+
+    import kerasunet.model  # noqa: F401  registers custom layers, losses and metrics
+
+    try:
+        return keras.saving.load_model(info.model_path, compile=False, safe_mode=True)
+    except Exception as exc:
+        raise RunError(f"{info.model_path}: not a loadable kerasunet model "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
