@@ -30,6 +30,10 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False):
                                     suffix="".join(path.suffixes))
         os.close(fd)
         tmp = Path(name)
+    # mkstemp/mkdtemp create private (0600/0700) entries; give outputs the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
     try:
         yield tmp
         if is_dir and path.exists():

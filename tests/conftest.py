@@ -5,3 +5,38 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+import pytest  # noqa: E402  (after the environment settings above, which must come first)
+
+
+@pytest.fixture(scope="session")
+def tiny_phantoms(tmp_path_factory):
+    """A small phantom set in both real layouts, written once per session (~1 s).
+
+    Built with ``kerasunet.synth`` at seed 0; ``ct_phantom(i, 0, CtSettings(64, (12, 24)))``
+    and ``mri_phantom(i, 0, MriSettings((48, 40, 12)))`` rebuild any case in memory.
+
+    ``root/lits/``: 6 CT cases ``volume-0`` .. ``volume-5`` with ``segmentation-N``,
+    64x64 in-plane, 12-24 slices each (ragged), int16 HU (scl_inter -1024), labels 0/1/2.
+      * ``volume-3.nii.gz`` / ``segmentation-3.nii.gz`` are gzipped, all others ``.nii``.
+      * ``volume-2`` is stored LPS, ``volume-5`` PLI (x/y swapped, z flipped); others RAS.
+      * ``volume-4`` has no tumour; every other case has at least one.
+
+    ``root/mri/``: 6 MRI cases ``FZMC001`` .. ``FZMC006``, each ``artery.nii`` (int16 with
+    a per-case scl_slope) + ``label.nii`` (tumour 0/1), canonical shape 48x40x12.
+      * ``FZMC002``: defect, label has 11 slices (one fewer than the image).
+      * ``FZMC004``: defect, no label file.
+      * ``FZMC003`` is stored LPS, ``FZMC006`` PLI (stored shape 40x48x12).
+      * ``FZMC005`` is gzipped (``artery.nii.gz``, ``label.nii.gz``) and has no tumour.
+      * Healthy cases with tumours: ``FZMC001``, ``FZMC003``, ``FZMC006``.
+
+    Returns:
+        The root folder (read-only by convention: tests must not modify it).
+    """
+    from kerasunet.synth import synth_lits, synth_mri
+
+    root = tmp_path_factory.mktemp("phantoms")
+    synth_lits(root / "lits", 6, size=64, slices=(12, 24), seed=0, compress={3})
+    synth_mri(root / "mri", 6, shape=(48, 40, 12), seed=0, compress={4})
+    return root
