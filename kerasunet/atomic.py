@@ -37,8 +37,13 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False):
     try:
         yield tmp
         if is_dir and path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            # Move the old folder aside first, so a watcher never sees a half-deleted one.
+            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

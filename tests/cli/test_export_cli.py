@@ -1,0 +1,49 @@
+"""Tests of ``kerasunet export`` through click's CliRunner."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from tests.kerasunet.test_export import write_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("cli-export") / "run", "ct")
+
+
+def test_export_then_refuse_existing_version(run, tmp_path):
+    out = tmp_path / "saved_models" / "liver"
+    result = CliRunner().invoke(main, ["export", "--model", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out / '1'} (signature serving_default)" in result.output
+    assert '-v "$PWD/saved_models/liver:/models/liver" -e MODEL_NAME=liver tensorflow/serving' in result.output
+    assert (out / "1" / "saved_model.pb").is_file()
+    assert json.loads((out / "export.json").read_text())["latest_version"] == 1
+
+    again = CliRunner().invoke(main, ["export", "--model", str(run / "best.keras"), "--out", str(out),
+                                      "--version", "1"])
+    assert again.exit_code == 1
+    assert again.output == (f"Error: {out / '1'}: version 1 exists; pass --overwrite to replace it "
+                            "or omit --version for the next one\n")
+
+
+def test_missing_model(tmp_path):
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "nothing"),
+                                       "--out", str(tmp_path / "liver")])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {tmp_path / 'nothing'}: no model file")
+    assert not (tmp_path / "liver").exists()
+
+
+def test_version_must_be_positive(run, tmp_path):
+    result = CliRunner().invoke(main, ["export", "--model", str(run), "--out", str(tmp_path / "liver"),
+                                       "--version", "0"])
+    assert result.exit_code == 2 and "Invalid value for '--version'" in result.output
+
+
+def test_listed_in_help():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0 and "export" in result.output

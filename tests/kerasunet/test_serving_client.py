@@ -1,0 +1,190 @@
+"""Tests of kerasunet.serving_client against the REST test double (tests/kerasunet/serving_double.py)."""
+
+import json
+import re
+import socket
+import urllib.error
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kerasunet.export import export_model
+from kerasunet.nifti import load_volume, to_original_order
+from kerasunet.serving_client import (RemoteModel, ServingError, call, model_url, plan_batches, predict_volume_remote,
+                                      stack_slices)
+from tests.kerasunet.serving_double import ServingDouble
+from tests.kerasunet.test_export import reference_outputs, write_run
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One CT and one MRI model (context 1), exported and served by the test double."""
+    root = tmp_path_factory.mktemp("serving")
+    out = {}
+    for modality in ("ct", "mri"):
+        run = write_run(root / f"runs/{modality}", modality, seed=1)
+        export_model(run, root / f"saved_models/liver-{modality}")
+        out[modality] = run
+    with ServingDouble(root / "saved_models/liver-ct") as ct, ServingDouble(root / "saved_models/liver-mri") as mri:
+        yield {"runs": out, "ct": ct, "mri": mri}
+
+
+@pytest.fixture(autouse=True)
+def clean_double(served):
+    for double in (served["ct"], served["mri"]):
+        double.requests.clear()
+        double.fail_predict = None
+
+
+def write_volume(path, data):
+    # A non-canonical (LAS) affine: the mask must come back in the input's own voxel order.
+    affine = np.diag([-1.5, 1.5, 3.0, 1.0])
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(path))
+    return affine
+
+
+def expected_mask(run, volume_path):
+    """The local computation: independent 2.5D stacks, Keras model, whole-volume statistics."""
+    data = load_volume(volume_path).data
+    last = data.shape[2] - 1
+    stacks = np.stack([np.stack([data[:, :, max(k - 1, 0)], data[:, :, k], data[:, :, min(k + 1, last)]], -1)
+                       for k in range(data.shape[2])])
+    probs, mask = reference_outputs(run, stacks)
+    decisive = np.abs(probs - 0.5).min(axis=-1) > 1e-4
+    return np.moveaxis(mask, 0, -1), np.moveaxis(decisive, 0, -1)
+
+
+def check_mask(out, run, volume_path, affine, labels):
+    got = nib.load(str(out))
+    np.testing.assert_array_equal(got.affine, affine)
+    assert got.get_data_dtype() == np.uint8
+    mask_canonical, decisive = expected_mask(run, volume_path)
+    img = nib.load(str(volume_path))
+    np.testing.assert_array_equal(np.asarray(got.dataobj)[to_original_order(decisive, img)],
+                                  to_original_order(mask_canonical, img)[to_original_order(decisive, img)])
+    assert decisive.mean() > 0.99 and set(np.unique(got.dataobj)) == set(labels)
+
+
+def test_mri_whole_case_one_request(served, tmp_path):
+    rng = np.random.default_rng(2)
+    affine = write_volume(tmp_path / "case.nii.gz", rng.gamma(2.0, 300.0, (32, 28, 5)))
+    out = predict_volume_remote(tmp_path / "case.nii.gz", tmp_path / "mask.nii.gz", served["mri"].url,
+                                "liver-mri", batch_size=2)
+    assert out == tmp_path / "mask.nii.gz"
+    requests = served["mri"].requests
+    assert [(m, p) for m, p, _ in requests] == [("GET", "/v1/models/liver-mri/metadata"),
+                                                ("POST", "/v1/models/liver-mri:predict")]
+    body = requests[1][2]
+    assert set(body) == {"signature_name", "inputs"} and body["signature_name"] == "serving_default"
+    assert list(body["inputs"]) == ["image"] and np.array(body["inputs"]["image"]).shape == (5, 32, 28, 3)
+    check_mask(out, served["runs"]["mri"], tmp_path / "case.nii.gz", affine, {0, 1})
+
+
+def test_ct_batches_and_version(served, tmp_path):
+    rng = np.random.default_rng(3)
+    affine = write_volume(tmp_path / "ct.nii", rng.uniform(-300, 400, (24, 20, 5)))
+    out = predict_volume_remote(tmp_path / "ct.nii", tmp_path / "ct-mask.nii.gz", served["ct"].url,
+                                "liver-ct", version=1, batch_size=2)
+    posts = [(p, np.array(b["inputs"]["image"]).shape) for m, p, b in served["ct"].requests if m == "POST"]
+    assert posts == [("/v1/models/liver-ct/versions/1:predict", (n, 24, 20, 3)) for n in (2, 2, 1)]
+    check_mask(out, served["runs"]["ct"], tmp_path / "ct.nii", affine, {0, 1, 2})
+
+
+def test_double_row_format_and_status(served):
+    url = f"{served['mri'].url}/v1/models/liver-mri"
+    image = np.zeros((2, 4, 4, 3)).tolist()
+    rows = call(f"{url}:predict", {"instances": [{"image": image[0]}, image[1]]})
+    assert len(rows["predictions"]) == 2 and set(rows["predictions"][0]) == {"probabilities", "mask"}
+    assert np.array(rows["predictions"][0]["mask"]).shape == (4, 4)
+    columns = call(f"{url}:predict", {"signature_name": "serving_default", "inputs": {"image": image}})
+    assert np.array(columns["outputs"]["probabilities"]).shape == (2, 4, 4, 1)
+    status = call(url)["model_version_status"][0]
+    assert (status["version"], status["state"]) == ("1", "AVAILABLE")
+    meta = call(f"{url}/metadata")["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert meta["inputs"]["image"]["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in meta["inputs"]["image"]["tensor_shape"]["dim"]] == ["-1", "-1", "-1", "3"]
+    assert meta["outputs"]["mask"]["dtype"] == "DT_UINT8"
+
+
+@pytest.mark.parametrize("name, version, which", [("nope", None, "Latest(nope)"),
+                                                  ("liver-mri", 7, "Specific(liver-mri, 7)")])
+def test_unknown_model_or_version(served, tmp_path, name, version, which):
+    write_volume(tmp_path / "v.nii", np.zeros((8, 8, 2)))
+    suffix = f"/versions/{version}" if version else ""
+    expected = (rf"^{re.escape(served['mri'].url)}/v1/models/{name}{suffix}/metadata: HTTP 404: "
+                rf"Servable not found for request: {re.escape(which)} \(model '{name}'")
+    with pytest.raises(ServingError, match=expected):
+        predict_volume_remote(tmp_path / "v.nii", tmp_path / "m.nii", served["mri"].url, name, version=version)
+    assert not (tmp_path / "m.nii").exists()
+
+
+def test_server_error_body_in_message(served, tmp_path):
+    write_volume(tmp_path / "v.nii", np.zeros((8, 8, 2)))
+    served["mri"].fail_predict = (400, "Input to reshape is a tensor with 12 values")
+    expected = r"/v1/models/liver-mri:predict: HTTP 400: Input to reshape is a tensor with 12 values$"
+    with pytest.raises(ServingError, match=expected):
+        predict_volume_remote(tmp_path / "v.nii", tmp_path / "m.nii", served["mri"].url, "liver-mri")
+
+
+def test_bad_signature_name(served, tmp_path):
+    write_volume(tmp_path / "v.nii", np.zeros((8, 8, 2)))
+    with pytest.raises(ServingError, match=r"liver-mri/metadata: no signature 'other' \(has \['serving_default'\]\)"):
+        predict_volume_remote(tmp_path / "v.nii", tmp_path / "m.nii", served["mri"].url, "liver-mri",
+                              signature="other")
+
+
+def test_connection_refused():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ServingError, match=rf"^http://127.0.0.1:{port}/v1/models/x/metadata: connection refused"):
+        call(f"http://127.0.0.1:{port}/v1/models/x/metadata", timeout=5)
+
+
+def test_timeout():
+    with socket.socket() as s:  # accepts connections (backlog) but never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1/models/x/metadata"
+        with pytest.raises(ServingError, match=rf"^{re.escape(url)}: no answer within 0.3 s \(timeout\)$"):
+            call(url, timeout=0.3)
+
+
+def test_double_rejects_bad_json(served):
+    request = urllib.request.Request(f"{served['mri'].url}/v1/models/liver-mri:predict", data=b"{bad")
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=10)
+    assert json.loads(raised.value.read())["error"].startswith("JSON Parse error")
+
+
+def test_server_url_needs_scheme():
+    with pytest.raises(ServingError, match=r"^localhost:8501: server URL must start with http:// or https://$"):
+        model_url("localhost:8501", "liver")
+
+
+def test_stack_slices_replicates_edges():
+    data = np.arange(4, dtype=np.float32).reshape(1, 1, 4) * np.ones((2, 3, 1), np.float32)
+    stacks = stack_slices(data, range(4), context=2)
+    assert stacks.shape == (4, 2, 3, 5)
+    assert stacks[:, 0, 0].tolist() == [[0, 0, 0, 1, 2], [0, 0, 1, 2, 3], [0, 1, 2, 3, 3], [1, 2, 3, 3, 3]]
+    assert stack_slices(data, [2], context=0)[..., 0].tolist() == [data[:, :, 2].tolist()]
+
+
+@pytest.mark.parametrize("outputs, voxels, expected", [
+    (1, 100, [range(0, 5)]),                                   # MRI case that fits: one request
+    (1, 10_000_000, [range(0, 2), range(2, 4), range(4, 5)]),  # MRI too large: batches + warning
+    (2, 100, [range(0, 2), range(2, 4), range(4, 5)]),         # CT: fixed window, any batching
+])
+def test_plan_batches(capsys, outputs, voxels, expected):
+    model = RemoteModel(url="u", channels=3, num_outputs=outputs)
+    assert plan_batches(5, voxels // 5, 2, model) == expected
+    warned = capsys.readouterr().err
+    assert ("normalised with its own MRI statistics" in warned) == (voxels > 8_000_000)
+
+
+def test_plan_batches_rejects_zero():
+    with pytest.raises(ValueError, match=r"^Expected batch_size >= 1. Received: batch_size=0$"):
+        plan_batches(5, 10, 0, RemoteModel(url="u", channels=3, num_outputs=2))
