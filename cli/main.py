@@ -21,7 +21,7 @@ COMMANDS = [
 ]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="kerasunet")
 def main():
     """Liver and liver-tumour segmentation in CT and MRI (Keras 3 U-Net, CT->MRI transfer)."""

@@ -117,24 +117,6 @@ def make_serving_fn(model, info: RunInfo):
     return serve
 
 
-def check_model(model, info: RunInfo) -> None:
-    """Checks that the Keras model matches its run config (channels, outputs).
-
-    Raises:
-        ExportError: input channels differ from 2*context+1 or the config, or the output
-            channels differ from the modality's.
-    """
-    channels = model.input_shape[-1]
-    expected = 2 * info.context + 1
-    if channels != expected or channels != info.input_channels:
-        raise ExportError(f"{info.model_path}: model takes {channels} channels but its config says "
-                          f"context={info.context} (2K+1={expected}), input_channels={info.input_channels}")
-    outputs = model.output_shape[-1]
-    if outputs != len(OUTPUTS[info.modality]):
-        raise ExportError(f"{info.model_path}: model has {outputs} output channels, a "
-                          f"{info.modality} model needs {len(OUTPUTS[info.modality])} {OUTPUTS[info.modality]}")
-
-
 def write_saved_model(model, info: RunInfo, path: Path) -> None:
     """Writes the SavedModel with its ``serving_default`` signature to ``path`` (a folder).
 
@@ -270,7 +252,6 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     info = resolve_run(model_path)
     version = choose_version(out_dir, version, overwrite)
     model = load_model(info)
-    check_model(model, info)
     target = out_dir / str(version)
     with atomic_path(target, is_dir=True) as tmp:
         write_saved_model(model, info, tmp)

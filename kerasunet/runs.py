@@ -92,14 +92,36 @@ def load_model(info: RunInfo):
     """Loads the Keras model of a run with ``safe_mode=True`` (no code from the file runs).
 
     Raises:
-        RunError: the file is not a Keras model kerasunet can load.
+        RunError: the file is not a Keras model kerasunet can load, or its input/output
+            channels do not match its config.
     """
     import keras
 
     import kerasunet.model  # noqa: F401  registers custom layers, losses and metrics
 
     try:
-        return keras.saving.load_model(info.model_path, compile=False, safe_mode=True)
+        model = keras.saving.load_model(info.model_path, compile=False, safe_mode=True)
     except Exception as exc:
         raise RunError(f"{info.model_path}: not a loadable kerasunet model "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    check_model(model, info)
+    return model
+
+
+def check_model(model, info: RunInfo) -> None:
+    """Checks input channels (2K+1 of the config's context) and output channels (modality).
+
+    Raises:
+        RunError: a mismatch; the message names the model file.
+    """
+    from kerasunet.labels import OUTPUTS
+
+    channels, expected = model.input_shape[-1], 2 * info.context + 1
+    if channels != expected or channels != info.input_channels:
+        raise RunError(f"{info.model_path}: model takes {channels} input channels but its config has "
+                       f"context K={info.context} (expected 2K+1={expected}), "
+                       f"input_channels={info.input_channels}")
+    outputs, names = model.output_shape[-1], OUTPUTS[info.modality]
+    if outputs != len(names):
+        raise RunError(f"{info.model_path}: model has {outputs} output channels; a {info.modality} "
+                       f"model needs {len(names)} {names}")

@@ -16,7 +16,7 @@ from kerasunet.export import ExportError, export_model, numeric_versions
 from kerasunet.labels import labels_from_probabilities_np
 from kerasunet.model import build_unet
 from kerasunet.preprocessing import NormSettings, case_stats, normalize_np
-from kerasunet.runs import resolve_run
+from kerasunet.runs import RunError, resolve_run
 
 BIN = Path(sys.executable).parent
 KEYS = ("ct", "mri", "mixed", "resized")
@@ -224,6 +224,6 @@ def test_channels_not_matching_config(runs, tmp_path):
     config = json.loads((runs["ct"] / "config.json").read_text())
     config["data"]["context"] = 2
     (run / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match=r"best.keras: model takes 3 channels but its config says context=2"):
+    with pytest.raises(RunError, match=r"best.keras: model takes 3 input channels but its config has context K=2"):
         export_model(run, tmp_path / "liver")
     assert not (tmp_path / "liver").exists()

@@ -1,0 +1,106 @@
+"""``kerasunet predict``: segment NIfTI volumes with a local model or a TF Serving model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kerasunet.nifti import VolumeError
+from kerasunet.postprocess import PostprocessSettings
+from kerasunet.predict import PredictSettings, predict_path, predict_path_remote
+from kerasunet.runs import RunError
+
+_DEFAULTS = PostprocessSettings()
+
+
+def postprocess_options(command):
+    """The post-processing options (one per ``PostprocessSettings`` field), shared with ``evaluate``."""
+    options = [
+        click.option("--no-postprocess", is_flag=True, help="Skip post-processing: the thresholded output as it is."),
+        click.option("--largest-liver-component/--no-largest-liver-component",
+                     default=_DEFAULTS.largest_liver_component, show_default=True, help="CT: keep only the largest 3D component of liver (+ tumour)."),
+        click.option("--tumour-in-liver/--no-tumour-in-liver", default=_DEFAULTS.tumour_in_liver, show_default=True,
+                     help="CT: drop tumour farther than --liver-dilation-mm from the kept liver."),
+        click.option("--liver-dilation-mm", type=click.FloatRange(min=0), default=_DEFAULTS.liver_dilation_mm,
+                     show_default=True, help="CT: the margin around the liver for --tumour-in-liver, in mm."),
+        click.option("--min-tumour-voxels", type=click.IntRange(min=0), default=_DEFAULTS.min_tumour_voxels,
+                     show_default=True, help="Drop tumour components smaller than this (0 keeps all)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tumour_in_liver: bool,
+                         liver_dilation_mm: float, min_tumour_voxels: int) -> PostprocessSettings:
+    """The settings of the options added by :func:`postprocess_options`."""
+    return PostprocessSettings(enabled=not no_postprocess, largest_liver_component=largest_liver_component,
+                               tumour_in_liver=tumour_in_liver, liver_dilation_mm=liver_dilation_mm,
+                               min_tumour_voxels=min_tumour_voxels)
+
+
+@click.command("predict")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Run folder (best.keras + config.json) or a .keras file with config.json beside it.")
+@click.option("--server", default=None, help="TF Serving REST URL (e.g. http://localhost:8501) instead of --model.")
+@click.option("--model-name", default=None, help="With --server: the served model's name.")
+@click.option("--model-version", type=click.IntRange(min=1), default=None,
+              help="With --server: a specific version (default: the server's latest).")
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="A .nii/.nii.gz volume, or a folder in the LiTS (volume-N) or MRI (CASE/<phase>) layout.")
+@click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
+              help="Mask file (.nii/.nii.gz) for a single volume, else a folder: segmentation-N.nii[.gz] "
+                   "(LiTS) or CASE/prediction.nii.gz (MRI).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Slices per model call.")
+@click.option("--tta/--no-tta", default=False, show_default=True,
+              help="Average over flips (none, height, width, both); 4x slower.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Probability at or above which a voxel is foreground.")
+@click.option("--probabilities", is_flag=True,
+              help="Also write float32 probability maps (probabilities-N.nii.gz / CASE/probabilities.nii.gz).")
+@postprocess_options
+@click.option("--phase", default="artery", show_default=True, help="MRI layout: image file stem in each case folder.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="With --server: seconds to wait for each answer.")
+def predict(model_path, server, model_name, model_version, input_path, output_path, batch_size, tta, threshold,
+            probabilities, phase, timeout, **postprocess):
+    """Segment volumes; masks keep the input's own affine, shape and orientation.
+
+    Post-processing (default on; after Chlebus et al. 2018): CT keeps the largest 3D liver
+    component, tumour only within --liver-dilation-mm (5 mm) of it, and drops tumour components
+    under --min-tumour-voxels (10); MRI only drops the small tumour components. Not applied to
+    --server masks (the served graph returns the labels). Exits with status 1 when
+    any volume failed (the others are still written).
+    """
+    _check_source(model_path, server, model_name, model_version)
+    try:
+        if server:
+            result = predict_path_remote(server, model_name, input_path, output_path, version=model_version,
+                                         batch_size=batch_size, timeout=timeout, phase=phase, progress=click.echo)
+        else:
+            settings = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold,
+                                       postprocess=postprocess_settings(**postprocess),
+                                       save_probabilities=probabilities, phase=phase)
+            result = predict_path(model_path, input_path, output_path, settings, progress=click.echo)
+    except (RunError, VolumeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {len(result.written)} mask(s) under {output_path}")
+    if result.failures:
+        for path, message in result.failures:
+            # messages of VolumeError already start with the path
+            line = message if message.startswith(str(path)) else f"{path}: {message}"
+            click.echo(f"failed: {line}", err=True)
+        raise click.ClickException(f"{len(result.failures)} of {len(result.failures) + len(result.written)} "
+                                   "volume(s) failed")
+
+
+def _check_source(model_path, server, model_name, model_version) -> None:
+    if model_path and server:
+        raise click.UsageError("--model and --server are mutually exclusive: use a local model or a served one")
+    if not model_path and not server:
+        raise click.UsageError("give --model RUN_DIR (local) or --server URL --model-name NAME (TF Serving)")
+    if server and not model_name:
+        raise click.UsageError("--server needs --model-name")
+    if not server and (model_name or model_version):
+        raise click.UsageError("--model-name/--model-version only apply with --server")

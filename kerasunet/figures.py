@@ -1,0 +1,91 @@
+"""Overlay figures: image, ground truth and predictions side by side (as figures 11-13 of the research).
+
+Slices are canonical axial slices ``volume[:, :, k]`` (rows = canonical x, columns = y). They are
+shown in radiological display orientation: anterior at the top and the patient's right on the
+viewer's left, i.e. the slice is transposed (rows = y) and flipped in both axes, because RAS+
+puts +x to the patient's right and +y anterior (:func:`display`).
+
+Labels are drawn as filled colours: CT liver green, CT tumour red, MRI tumour red.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kerasunet.atomic import atomic_path
+from kerasunet.lits_metrics import structure_masks
+
+COLOURS = {"liver": (0.1, 0.8, 0.2), "tumour": (0.95, 0.1, 0.1)}
+LABEL_NAMES = {"ct": {1: "liver", 2: "tumour"}, "mri": {1: "tumour"}}
+ALPHA = 0.45
+
+
+def display(slice_2d: np.ndarray) -> np.ndarray:
+    """Canonical ``(x, y)`` slice -> radiological display array (rows: anterior->posterior,
+    columns: patient right->left)."""
+    return np.asarray(slice_2d).T[::-1, ::-1]
+
+
+def pick_slice(label_volume: np.ndarray, structure: str = "tumour", modality: str = "ct") -> int:
+    """The axial index with the most voxels of ``structure``.
+
+    Falls back to the slice with the most foreground (label >= 1), then to the middle slice,
+    so every case gets a figure.
+    """
+    masks = structure_masks(label_volume, modality)
+    for mask in (masks.get(structure), label_volume >= 1):
+        if mask is not None and mask.any():
+            return int(np.argmax(mask.sum(axis=(0, 1))))
+    return label_volume.shape[2] // 2
+
+
+def colour_labels(labels: np.ndarray, modality: str) -> np.ndarray:
+    """RGBA overlay ``(rows, cols, 4)`` of a display-oriented label slice; background transparent."""
+    rgba = np.zeros((*labels.shape, 4), np.float32)
+    for value, name in LABEL_NAMES[modality].items():
+        rgba[labels == value] = (*COLOURS[name], ALPHA)
+    return rgba
+
+
+def overlay_figure(image_slice: np.ndarray, truth_slice: np.ndarray, predictions: dict[str, np.ndarray],
+                   path, title: str | None = None, modality: str = "ct",
+                   display_range: tuple[float, float] | None = None) -> Path:
+    """Writes a PNG: the image, then the image with the truth, then one panel per prediction.
+
+    Args:
+        image_slice: canonical ``(x, y)`` image slice (normalised or raw).
+        truth_slice: canonical label slice, same shape.
+        predictions: panel title -> canonical label slice (e.g. one per model).
+        path: the PNG to write (atomically).
+        title: figure title.
+        modality: label convention and colours ("ct" or "mri").
+        display_range: grey-level window; default the slice's 1st-99th percentiles.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = display(image_slice)
+    vmin, vmax = display_range or tuple(np.percentile(image, [1, 99]))
+    panels = [("image", None), ("ground truth", truth_slice), *predictions.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
+    for ax, (name, labels) in zip(axes[0], panels):
+        ax.imshow(image, cmap="gray", vmin=vmin, vmax=max(vmax, vmin + 1e-6), interpolation="nearest")
+        if labels is not None:
+            ax.imshow(colour_labels(display(labels), modality), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path

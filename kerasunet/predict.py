@@ -1,0 +1,304 @@
+"""Whole-volume inference: NIfTI in, NIfTI label mask (and optional probabilities) out.
+
+The model's preprocessing is read from its run config (``kerasunet.runs``), never repeated by
+hand: per-case statistics ``case_stats(volume, info.norm)`` and ``normalize_np``, the same
+formula the training reader applies. Slices are the canonical axial slices ``data[:, :, k]``
+(height = canonical x, width = canonical y), as the records builder writes them. A 2.5D model
+with context K gets channels ``k-K .. k+K``; edge slices replicate the border slice (the
+builder's ``stack_slices`` convention).
+
+Height and width are padded at the bottom/right to multiples of ``2**depth`` with the
+normalised value of the window's lower bound ``lo`` (air for CT, the dark percentile for MRI),
+as the reader's ``pad_to_multiple`` and the exported serving graph do, then cropped back. A
+model trained with a fixed ``image_size`` (the reader then *resizes*, bilinear) gets its slices
+resized to that size and its probabilities resized back (bilinear) before thresholding. With
+``tta`` the probabilities are averaged over four flips (none, height, width, both), each
+un-flipped before averaging. Labels come from ``labels.labels_from_probabilities_np`` and are
+then post-processed (``kerasunet.postprocess``).
+
+Output naming for a folder input (``predict_path``):
+
+* LiTS layout ``volume-N.nii[.gz]`` -> ``OUT/segmentation-N.nii[.gz]`` (same suffix), the
+  LiTS submission name; probabilities ``OUT/probabilities-N.nii.gz``.
+* MRI layout ``CASE/<phase>.nii[.gz]`` -> ``OUT/CASE/prediction.nii.gz``; probabilities
+  ``OUT/CASE/probabilities.nii.gz``.
+
+A single file is written to ``OUTPUT`` when that ends in ``.nii``/``.nii.gz``, else into the
+folder ``OUTPUT`` under the name above (``volume-N`` -> ``segmentation-N``, any other stem
+``S`` -> ``S_prediction.nii.gz``). Masks are uint8, probabilities float32 ``(…, N)``, both
+with the input's own affine, shape and voxel order (``nifti.save_like``, atomic).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kerasunet.labels import OUTPUTS, labels_from_probabilities_np
+from kerasunet.nifti import Volume, VolumeError, find_cases, is_nifti, load_volume, save_like, strip_nifti_suffix
+from kerasunet.postprocess import PostprocessSettings, postprocess
+from kerasunet.preprocessing import case_stats, normalize_np
+from kerasunet.runs import RunInfo, load_model, resolve_run
+
+# (flip height, flip width) for test-time augmentation; each is its own inverse.
+TTA_FLIPS = ((False, False), (True, False), (False, True), (True, True))
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How volumes are segmented.
+
+    Attributes:
+        batch_size: slices per model call.
+        tta: average the probabilities over flips (4x the model calls).
+        threshold: probability at or above which a voxel is foreground.
+        postprocess: the post-processing rules (``PostprocessSettings(enabled=False)`` skips them).
+        save_probabilities: also write the float32 probability maps.
+        phase: MRI image file stem inside each case folder (folder inputs).
+    """
+
+    batch_size: int = 16
+    tta: bool = False
+    threshold: float = 0.5
+    postprocess: PostprocessSettings = field(default_factory=PostprocessSettings)
+    save_probabilities: bool = False
+    phase: str = "artery"
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"Expected batch_size >= 1. Received: batch_size={self.batch_size}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"Expected 0 < threshold < 1. Received: threshold={self.threshold}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One volume to segment and where its outputs go."""
+
+    case_id: str
+    image: Path
+    output: Path
+    probabilities: Path | None = None
+
+
+@dataclass
+class PredictResult:
+    """What ``predict_path`` did: files written and ``(input, message)`` for each failure."""
+
+    written: list[Path] = field(default_factory=list)
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def load_predictor(model) -> tuple[object, RunInfo]:
+    """Loads a model from a run folder, a ``.keras`` file or a ``RunInfo`` and checks it.
+
+    Raises:
+        RunError: not a kerasunet model, or the model does not match its config.
+    """
+    info = model if isinstance(model, RunInfo) else resolve_run(model)
+    return load_model(info), info
+
+
+def slice_batch(slices: np.ndarray, indices: np.ndarray, context: int, padded_hw: tuple[int, int],
+                background: float) -> np.ndarray:
+    """The model input for some axial slices: ``(B, Hp, Wp, 2K+1)`` float32, padded bottom/right.
+
+    Args:
+        slices: normalised volume in slice-major order ``(z, x, y)``.
+        indices: the centre slices ``k``.
+        context: K; channels are slices ``k-K .. k+K``, edge slices replicate the border slice.
+        padded_hw: height and width after padding.
+        background: the pad value.
+    """
+    offsets = np.arange(-context, context + 1)
+    picks = np.clip(indices[:, None] + offsets[None, :], 0, slices.shape[0] - 1)
+    batch = np.full((len(indices), *padded_hw, len(offsets)), background, dtype=np.float32)
+    batch[:, : slices.shape[1], : slices.shape[2], :] = np.moveaxis(slices[picks], 1, -1)
+    return batch
+
+
+def resize(batch: np.ndarray, size) -> np.ndarray:
+    """Bilinear resize of ``(B, H, W, C)`` to ``size``, the reader's ``tf.image.resize`` (no antialias)."""
+    from keras import ops
+
+    return np.asarray(ops.image.resize(batch, tuple(size), interpolation="bilinear", antialias=False),
+                      dtype=np.float32)
+
+
+def model_probabilities(model, batch: np.ndarray, tta: bool) -> np.ndarray:
+    """Sigmoid outputs of ``model`` for one batch, float32; averaged over flips with ``tta``."""
+    if not tta:
+        return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+    total = None
+    for flip_h, flip_w in TTA_FLIPS:
+        axes = tuple(a for a, flip in ((1, flip_h), (2, flip_w)) if flip)
+        x = np.flip(batch, axes) if axes else batch
+        out = np.asarray(model.predict_on_batch(np.ascontiguousarray(x)), dtype=np.float32)
+        out = np.flip(out, axes) if axes else out
+        total = out if total is None else total + out
+    return total / len(TTA_FLIPS)
+
+
+def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettings = PredictSettings()
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Segments one volume (see the module docstring for the exact preprocessing).
+
+    Args:
+        model: the loaded Keras model of ``info``.
+        info: the run's settings (modality, context, norm, depth).
+        volume: the input, canonical order.
+        settings: batch size, TTA, threshold and post-processing.
+
+    Returns:
+        ``(labels, probabilities)``: uint8 ``(x, y, z)`` in the dataset's label convention and
+        float32 ``(x, y, z, N)``, both in canonical order.
+    """
+    stats = case_stats(volume.data, info.norm)
+    slices = normalize_np(np.ascontiguousarray(np.moveaxis(volume.data, 2, 0)), stats)
+    depth_z, height, width = slices.shape
+    resize_to = info.config["data"].get("image_size")
+    step = 2**info.depth
+    padded = (height, width) if resize_to else (-(-height // step) * step, -(-width // step) * step)
+    background = float((stats[0] - stats[2]) / stats[3])
+    probs = np.empty((depth_z, height, width, len(OUTPUTS[info.modality])), dtype=np.float32)
+    for start in range(0, depth_z, settings.batch_size):
+        indices = np.arange(start, min(start + settings.batch_size, depth_z))
+        batch = slice_batch(slices, indices, info.context, padded, background)
+        if resize_to:
+            batch = resize(batch, resize_to)
+        out = model_probabilities(model, batch, settings.tta)
+        probs[indices] = resize(out, (height, width)) if resize_to else out[:, :height, :width, :]
+    probs = np.moveaxis(probs, 0, 2)
+    labels = labels_from_probabilities_np(probs, info.modality, settings.threshold)
+    labels = postprocess(labels, info.modality, volume.spacing, settings.postprocess)
+    return labels, probs
+
+
+def output_name(image: Path) -> str:
+    """Mask file name for a single input file: ``volume-N`` -> ``segmentation-N``, else ``S_prediction``."""
+    match = re.fullmatch(r"volume-(\d+)(\.nii(?:\.gz)?)", image.name)
+    if match:
+        return f"segmentation-{match.group(1)}{match.group(2)}"
+    return f"{strip_nifti_suffix(image.name)}_prediction.nii.gz"
+
+
+def probability_path(mask_path: Path) -> Path:
+    """Where the probabilities of a mask go (see the module docstring)."""
+    stem = strip_nifti_suffix(mask_path.name)
+    if stem.startswith("segmentation-"):
+        stem = "probabilities-" + stem[len("segmentation-"):]
+    elif stem == "prediction":
+        stem = "probabilities"
+    elif stem.endswith("_prediction"):
+        stem = stem[: -len("_prediction")] + "_probabilities"
+    else:
+        stem += "_probabilities"
+    return mask_path.with_name(stem + ".nii.gz")
+
+
+def plan_jobs(input_path, output_path, phase: str = "artery", probabilities: bool = False) -> list[Job]:
+    """Lists the volumes under ``input_path`` and their output paths (module docstring rules).
+
+    Raises:
+        VolumeError: the input is missing, not NIfTI, or a folder without cases, or a folder
+            input is given a NIfTI file name as output.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    if input_path.is_file():
+        if not is_nifti(input_path):
+            raise VolumeError(f"{input_path}: not a NIfTI file (.nii or .nii.gz)")
+        target = output_path if is_nifti(output_path) else output_path / output_name(input_path)
+        jobs = [Job(strip_nifti_suffix(input_path.name), input_path, target)]
+    elif input_path.is_dir():
+        if is_nifti(output_path):
+            raise VolumeError(f"{output_path}: the input is a folder, so the output must be a folder")
+        layout, cases = find_cases(input_path, phase)
+        jobs = [Job(c.case_id, c.image, output_path / output_name(c.image) if layout == "lits"
+                    else output_path / c.case_id / "prediction.nii.gz") for c in cases]
+    else:
+        raise VolumeError(f"{input_path}: file or folder not found")
+    if probabilities:
+        jobs = [Job(j.case_id, j.image, j.output, probability_path(j.output)) for j in jobs]
+    return jobs
+
+
+def run_jobs(jobs: list[Job], predict_one: Callable[[Job], str], progress: Callable[[str], None] = print,
+             errors: tuple[type[BaseException], ...] = (VolumeError, OSError)) -> PredictResult:
+    """Runs ``predict_one`` on each job; a failing volume is reported and the others still run.
+
+    Args:
+        jobs: from :func:`plan_jobs`.
+        predict_one: segments one job and returns a short detail for the progress line.
+        progress: receives one line per volume (case i/n, detail, seconds).
+        errors: exception types that fail one volume instead of the whole run.
+    """
+    result = PredictResult()
+    for i, job in enumerate(jobs, 1):
+        start = time.perf_counter()
+        try:
+            detail = predict_one(job)
+        except errors as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            result.failures.append((job.image, message))
+            progress(f"[{i}/{len(jobs)}] {job.case_id}: error: {message}")
+            continue
+        result.written.append(job.output)
+        progress(f"[{i}/{len(jobs)}] {job.case_id}: {detail}, {time.perf_counter() - start:.1f} s -> {job.output}")
+    return result
+
+
+def predict_path(model, input_path, output_path, settings: PredictSettings = PredictSettings(),
+                 progress: Callable[[str], None] = print) -> PredictResult:
+    """Segments a NIfTI file or every volume of a folder (either layout) with a local model.
+
+    Args:
+        model: a run folder, a ``.keras`` file (config.json beside it) or a ``RunInfo``.
+        input_path: a ``.nii``/``.nii.gz`` file or a folder in the LiTS or MRI layout.
+        output_path: a mask file (single input) or a folder; see the module docstring.
+        settings: how to segment.
+        progress: receives one line per volume.
+
+    Returns:
+        The files written and the failures; a bad input file does not stop the others.
+
+    Raises:
+        RunError: the model is missing, not a kerasunet model, or mismatches its config.
+        VolumeError: the input path itself is unusable (missing, no cases).
+    """
+    jobs = plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities)
+    net, info = load_predictor(model)
+
+    def predict_one(job: Job) -> str:
+        volume = load_volume(job.image)
+        labels, probs = predict_volume(net, info, volume, settings)
+        save_like(labels, volume, job.output, dtype=np.uint8)
+        if job.probabilities is not None:
+            save_like(probs, volume, job.probabilities, dtype=np.float32)
+        return f"{volume.data.shape[2]} slices"
+
+    return run_jobs(jobs, predict_one, progress)
+
+
+def predict_path_remote(server: str, model_name: str, input_path, output_path, version: int | None = None,
+                        batch_size: int = 16, timeout: float = 60.0, phase: str = "artery",
+                        progress: Callable[[str], None] = print) -> PredictResult:
+    """Like :func:`predict_path`, but each volume is segmented by a TF Serving model.
+
+    The served graph normalises and labels (``kerasunet.export``); masks are written as the
+    server returns them, without local post-processing or probability maps.
+    """
+    from kerasunet.serving_client import ServingError, predict_volume_remote
+
+    jobs = plan_jobs(input_path, output_path, phase)
+
+    def predict_one(job: Job) -> str:
+        predict_volume_remote(job.image, job.output, server, model_name, version=version,
+                              batch_size=batch_size, timeout=timeout)
+        return f"served by {model_name}"
+
+    return run_jobs(jobs, predict_one, progress, errors=(VolumeError, OSError, ServingError))

@@ -1,0 +1,156 @@
+"""Tests of kerasunet.evaluate and kerasunet.figures: metrics files, summary, report, overlays."""
+
+import csv
+import json
+import re
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kerasunet.evaluate import EvaluateError, EvaluateSettings, evaluate, find_eval_cases, name_models
+from kerasunet.figures import display, overlay_figure, pick_slice
+from tests.kerasunet.test_predict import LPS, ct_phantom, expected_ct_labels, threshold_model, write_run
+
+QUIET = {"progress": lambda line: None}
+
+
+def lits_folder(root):
+    """Three labelled CT cases (one LPS) and one unlabelled; labels are what a threshold model finds."""
+    root.mkdir()
+    for n, affine in [(0, np.eye(4)), (1, LPS), (2, np.diag([0.7, 0.7, 2.0, 1]))]:
+        hu = np.roll(ct_phantom((24, 20, 8)), n, axis=0)
+        nib.save(nib.Nifti1Image(hu, affine), str(root / f"volume-{n}.nii"))
+        nib.save(nib.Nifti1Image(expected_ct_labels(hu), affine), str(root / f"segmentation-{n}.nii"))
+    nib.save(nib.Nifti1Image(ct_phantom(), np.eye(4)), str(root / "volume-9.nii.gz"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_runs")
+    exact = write_run(root / "exact", threshold_model())
+    # "liver_only" never predicts tumour: its cut for the tumour channel is above any voxel
+    liver_only = threshold_model()
+    kernel, bias = liver_only.get_layer("head_conv").get_weights()
+    bias[1] = -1e6
+    liver_only.get_layer("head_conv").set_weights([kernel, bias])
+    return {"exact": exact, "liver_only": write_run(root / "liver_only", liver_only)}
+
+
+def test_compare_writes_metrics_summary_report_and_shared_figures(tmp_path, runs):
+    data = lits_folder(tmp_path / "lits")
+    out = tmp_path / "report"
+    summary = evaluate(runs, data, out, EvaluateSettings(n_overlays=2), **QUIET)
+    assert summary["cases"] == ["volume-0", "volume-1", "volume-2"]
+    assert summary["skipped"] == [{"case": "volume-9", "reason": "no label file"}]
+    exact, liver_only = (summary["models"][m]["structures"] for m in ("exact", "liver_only"))
+    assert exact["liver"]["dice_per_case"] == 1.0 and exact["tumour"]["global_dice"] == 1.0
+    assert exact["tumour"]["assd"] == {"mean": 0.0, "std": 0.0, "n": 3, "n_undefined": 0}
+    assert exact["tumour"]["lesion_recall"] == 1.0 and exact["tumour"]["lesion_precision"] == 1.0
+    assert liver_only["tumour"]["dice_per_case"] == 0.0 and liver_only["tumour"]["lesion_recall"] == 0.0
+    assert liver_only["tumour"]["assd"]["n_undefined"] == 3 and liver_only["tumour"]["assd"]["mean"] is None
+    assert liver_only["tumour"]["lesion_precision"] is None  # no predicted lesion: undefined -> null
+    baseline = summary["baselines"]["all-background"]["structures"]
+    assert baseline["liver"]["global_dice"] == 0.0 and baseline["tumour"]["rvd"]["mean"] == -1.0
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case"], r["model"]) for r in rows] == [
+        (c, m) for c in ["volume-0", "volume-1", "volume-2"] for m in ["exact", "liver_only"]]
+    assert float(rows[0]["tumour_dice"]) == 1.0 and rows[1]["tumour_assd_mm"] == ""
+    assert {"liver_voe", "liver_rvd", "liver_mssd_mm", "tumour_truth_lesions"} <= set(rows[0])
+    assert json.loads((out / "summary.json").read_text())["overlays"] == ["overlays/volume-0.png",
+                                                                         "overlays/volume-1.png"]
+    report = (out / "report.md").read_text()
+    assert "![volume-0](overlays/volume-0.png)" in report and "![volume-1](overlays/volume-1.png)" in report
+    assert re.search(r"\| exact \| 1\.000 \| 1\.000 \|", report)
+    assert "| baseline: all-background | " in report and "skipped `volume-9`: no label file" in report
+    # one figure per case holding image, truth and both models: 4 panels of 2.6 in at 100 dpi
+    png = matplotlib.image.imread(out / "overlays" / "volume-0.png")
+    assert png.shape[1] == 4 * 260
+    assert not (out / "overlays" / "volume-2.png").exists()
+
+
+def test_records_folder_uses_the_manifest_test_split(tmp_path, runs):
+    data = lits_folder(tmp_path / "lits")
+    records = tmp_path / "records"
+    records.mkdir()
+    cases = {f"volume-{n}": {"image": str(data / f"volume-{n}.nii"), "label": str(data / f"segmentation-{n}.nii"),
+                             "split": "test" if n == 1 else "train"} for n in range(3)}
+    manifest = {"modality": "ct", "splits": {"train": {"cases": ["volume-0", "volume-2"]},
+                                             "test": {"cases": ["volume-1"]}}, "cases": cases}
+    (records / "manifest.json").write_text(json.dumps(manifest))
+    summary = evaluate({"exact": runs["exact"]}, records, tmp_path / "out", EvaluateSettings(n_overlays=0), **QUIET)
+    assert summary["cases"] == ["volume-1"] and summary["overlays"] == []
+    with pytest.raises(EvaluateError, match=r"manifest\.json: no 'val' split \(has \['test', 'train'\]\)"):
+        find_eval_cases(records, "val")
+
+
+def test_errors_are_one_line_and_name_the_path(tmp_path, runs):
+    data = lits_folder(tmp_path / "lits")
+    mri_run = write_run(tmp_path / "mri_run", threshold_model(modality="mri"), "mri")
+    with pytest.raises(EvaluateError, match=r"mri_run/best\.keras: a mri model cannot be evaluated on ct data"):
+        evaluate({"m": mri_run}, data, tmp_path / "out", **QUIET)
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    nib.save(nib.Nifti1Image(ct_phantom(), np.eye(4)), str(unlabelled / "volume-1.nii"))
+    with pytest.raises(EvaluateError,
+                       match=r"unlabelled: no labelled cases to evaluate \(1 cases, none with a label\)"):
+        evaluate(runs, unlabelled, tmp_path / "out", **QUIET)
+
+
+def test_unreadable_label_is_skipped_with_its_reason(tmp_path, runs):
+    data = lits_folder(tmp_path / "lits")
+    nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.uint8), np.eye(4)), str(data / "segmentation-2.nii"))
+    summary = evaluate({"exact": runs["exact"]}, data, tmp_path / "out", EvaluateSettings(n_overlays=0), **QUIET)
+    assert summary["cases"] == ["volume-0", "volume-1"]
+    assert summary["skipped"][-1]["case"] == "volume-2"
+    reason = summary["skipped"][-1]["reason"]
+    assert "segmentation-2.nii: label shape (3, 3, 3) differs from image shape (24, 20, 8)" in reason
+
+
+def test_name_models_uses_run_folders_and_deduplicates(tmp_path):
+    (tmp_path / "a" / "runA").mkdir(parents=True)
+    (tmp_path / "b" / "runA").mkdir(parents=True)
+    names = name_models([tmp_path / "a" / "runA", tmp_path / "b" / "runA", tmp_path / "runC" / "best.keras",
+                         tmp_path / "x" / "epoch3.keras"])
+    assert list(names) == ["runA", "runA-2", "runC", "epoch3"]
+
+
+def test_display_is_radiological_and_pick_slice_finds_most_tumour():
+    canonical = np.zeros((4, 3))
+    canonical[3, 2] = 1.0  # patient's right-most (max x), anterior-most (max y) voxel
+    shown = display(canonical)
+    assert shown.shape == (3, 4) and shown[0, 0] == 1.0  # top-left: anterior, patient's right
+    labels = np.zeros((5, 5, 6), np.uint8)
+    labels[:, :, 1] = 1
+    labels[1:3, 1:3, 4] = 2
+    labels[1:2, 1:2, 2] = 2
+    assert pick_slice(labels, "tumour", "ct") == 4
+    assert pick_slice((labels >= 1).astype(np.uint8), "tumour", "mri") == 1
+    assert pick_slice(np.zeros((2, 2, 7), np.uint8)) == 3
+
+
+def test_overlay_figure_draws_one_panel_per_prediction(tmp_path):
+    image = np.random.default_rng(0).normal(size=(30, 20))
+    truth = np.zeros((30, 20), np.uint8)
+    truth[5:15, 5:15], truth[8:10, 8:10] = 1, 2
+    path = overlay_figure(image, truth, {"A": truth, "B": np.zeros_like(truth), "C": truth}, tmp_path / "f.png",
+                          title="case")
+    png = matplotlib.image.imread(path)
+    assert png.shape[1] == 5 * 260 and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_mri_phantoms_end_to_end_with_defect_cases(tmp_path, tiny_phantoms):
+    run = write_run(tmp_path / "mri_run", threshold_model(modality="mri"), "mri")
+    summary = evaluate({"mri_run": run}, tiny_phantoms / "mri", tmp_path / "out", EvaluateSettings(n_overlays=2),
+                       **QUIET)
+    assert summary["cases"] == ["FZMC001", "FZMC003", "FZMC005", "FZMC006"]
+    reasons = {s["case"]: s["reason"] for s in summary["skipped"]}
+    assert reasons["FZMC004"] == "no label file" and "differs from image shape" in reasons["FZMC002"]
+    assert set(summary["models"]["mri_run"]["structures"]) == {"tumour"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    for png in summary["overlays"]:
+        assert f"]({png})" in report and (tmp_path / "out" / png).stat().st_size > 1000

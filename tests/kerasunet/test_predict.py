@@ -1,0 +1,246 @@
+"""Tests of kerasunet.predict: orientation round trip, odd sizes, 2.5D stacks, TTA, folders."""
+
+import json
+import re
+
+import keras
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kerasunet.nifti import load_volume
+from kerasunet.postprocess import PostprocessSettings
+from kerasunet.predict import (PredictSettings, load_predictor, plan_jobs, predict_path, predict_volume,
+                               slice_batch)
+from kerasunet.preprocessing import NormSettings, case_stats, normalize_np
+from kerasunet.runs import RunError
+
+LPS = np.diag([-0.8, -0.8, 2.5, 1.0])
+FLIPPED_SWAPPED = np.array([[0, 0.7, 0, 10], [-0.7, 0, 0, 5], [0, 0, -3.0, 2], [0, 0, 0, 1]], float)
+NO_POST = PredictSettings(postprocess=PostprocessSettings(enabled=False))
+# The threshold model's cut-offs, in CT normalised units: (HU - 25) / 225 for the default window.
+LIVER_CUT, TUMOUR_CUT = 0.001, 0.601  # between integer HU values: no ties at p = 0.5
+
+
+def write_run(folder, model, modality="ct", context=0, depth=2, image_size=None):
+    """Saves ``model`` as a run folder (best.keras + config.json in runs.py's schema)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "best.keras")
+    config = {"model": {"input_channels": int(model.input_shape[-1]), "num_outputs": int(model.output_shape[-1]),
+                        "filters": 4, "depth": depth, "dropout": 0.0},
+              "data": {"modality": modality, "context": context, "norm": NormSettings(modality).to_dict(),
+                       "image_size": image_size},
+              "train": {}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def threshold_model(channels=1, source_channel=None, modality="ct", gain=50.0, size=(None, None)):
+    """A 1x1-conv model whose sigmoid outputs threshold one input channel (deterministic).
+
+    CT: liver = x > LIVER_CUT, tumour = x > TUMOUR_CUT; MRI: tumour = x > 0.
+    """
+    cuts = [LIVER_CUT, TUMOUR_CUT] if modality == "ct" else [0.0]
+    source = channels // 2 if source_channel is None else source_channel
+    inputs = keras.Input((*size, channels))
+    conv = keras.layers.Conv2D(len(cuts), 1, name="head_conv")
+    outputs = keras.layers.Activation("sigmoid", name="head_sigmoid")(conv(inputs))
+    kernel = np.zeros((1, 1, channels, len(cuts)), np.float32)
+    kernel[0, 0, source, :] = gain
+    conv.set_weights([kernel, -gain * np.array(cuts, np.float32)])
+    return keras.Model(inputs, outputs)
+
+
+def expected_ct_labels(hu):
+    x = (np.clip(hu, -200, 250) - 25.0) / 225.0
+    return np.where(x > TUMOUR_CUT, 2, np.where(x > LIVER_CUT, 1, 0)).astype(np.uint8)
+
+
+def ct_phantom(shape=(20, 16, 6)):
+    """Air with an off-centre liver block (100 HU) holding a tumour (200 HU): no symmetry."""
+    hu = np.full(shape, -500.0, np.float32)
+    hu[3:12, 2:9, 1:5] = 100.0
+    hu[4:7, 3:6, 2:4] = 200.0
+    return hu
+
+
+@pytest.fixture(scope="module")
+def ct_run(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("runs") / "ct_threshold", threshold_model())
+
+
+@pytest.mark.parametrize("affine", [np.diag([0.8, 0.8, 2.5, 1.0]), LPS, FLIPPED_SWAPPED])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_mask_has_input_affine_shape_and_sits_on_the_organ(tmp_path, ct_run, affine, suffix):
+    hu = ct_phantom()
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / f"volume-3{suffix}"))
+    result = predict_path(ct_run, tmp_path / f"volume-3{suffix}", tmp_path / "out", progress=lambda line: None)
+    assert result.written == [tmp_path / "out" / f"segmentation-3{suffix}"] and not result.failures
+    mask = nib.load(str(result.written[0]))
+    np.testing.assert_allclose(mask.affine, affine)
+    assert mask.shape == hu.shape and mask.get_data_dtype() == np.uint8
+    # the stored voxel order of the mask matches the input's: the mask lies on the bright block
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), expected_ct_labels(hu))
+
+
+@pytest.mark.parametrize("shape", [(37, 29, 3), (17, 64, 2), (4, 4, 1)])
+def test_odd_in_plane_sizes_are_padded_and_cropped_back(tmp_path, ct_run, shape):
+    rng = np.random.default_rng(1)
+    hu = rng.uniform(-300, 300, size=shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(tmp_path / "v.nii"))
+    model, info = load_predictor(ct_run)
+    labels, probs = predict_volume(model, info, load_volume(tmp_path / "v.nii"), NO_POST)
+    assert labels.shape == shape and probs.shape == (*shape, 2) and probs.dtype == np.float32
+    np.testing.assert_array_equal(labels, expected_ct_labels(hu))  # crop is aligned voxel for voxel
+
+
+def test_odd_sizes_run_through_a_real_unet(tmp_path):
+    from kerasunet.model import build_unet
+
+    run = write_run(tmp_path / "unet", build_unet((None, None, 3), 1, filters=4, depth=2), "mri", context=1)
+    nib.save(nib.Nifti1Image(np.random.default_rng(2).normal(size=(37, 29, 4)).astype(np.float32), np.eye(4)),
+             str(tmp_path / "v.nii.gz"))
+    model, info = load_predictor(run)
+    labels, probs = predict_volume(model, info, load_volume(tmp_path / "v.nii.gz"))
+    assert labels.shape == (37, 29, 4) and probs.shape == (37, 29, 4, 1)
+    assert np.all((probs > 0) & (probs < 1))
+
+
+def test_fixed_image_size_models_get_resized_slices(tmp_path):
+    # The model only accepts 16x16: a 40x24 volume must be resized in and its output resized back.
+    run = write_run(tmp_path / "fixed", threshold_model(size=(16, 16)), image_size=[16, 16])
+    hu = np.full((40, 24, 2), -500.0, np.float32)
+    hu[5:30, 4:20] = 100.0
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(tmp_path / "v.nii"))
+    model, info = load_predictor(run)
+    labels, probs = predict_volume(model, info, load_volume(tmp_path / "v.nii"), NO_POST)
+    assert labels.shape == (40, 24, 2) and probs.shape == (40, 24, 2, 2)
+    truth = expected_ct_labels(hu)
+    assert 2 * np.sum((labels == 1) & (truth == 1)) / (np.sum(labels == 1) + np.sum(truth == 1)) > 0.9
+
+
+def test_pad_value_is_the_normalised_window_minimum():
+    stats = case_stats(None, NormSettings("ct"))
+    slices = normalize_np(np.full((2, 5, 3), 1000.0, np.float32), stats)
+    batch = slice_batch(slices, np.array([0, 1]), 0, (8, 4), float((stats[0] - stats[2]) / stats[3]))
+    assert batch.shape == (2, 8, 4, 1)
+    np.testing.assert_allclose(batch[:, :5, :3], 1.0)  # 250 HU (window top) -> +1
+    np.testing.assert_allclose(batch[:, 5:], -1.0)  # -200 HU (window bottom) -> -1
+    np.testing.assert_allclose(batch[:, :, 3:], -1.0)
+
+
+@pytest.mark.parametrize("context", [1, 2])
+def test_2_5d_stacks_match_the_records_builder(context):
+    from tfrecords_builder.selection import stack_slices
+
+    volume = np.random.default_rng(3).normal(size=(6, 5, 4)).astype(np.float32)
+    indices = np.arange(4)
+    ours = slice_batch(np.ascontiguousarray(np.moveaxis(volume, 2, 0)), indices, context, (6, 5), 0.0)
+    np.testing.assert_array_equal(ours, stack_slices(volume, indices, context))
+
+
+def test_2_5d_model_sees_the_neighbouring_slice_with_edge_replication(tmp_path):
+    # The model looks only at channel 2 (slice k+1): labels at k come from slice k+1,
+    # and the last slice replicates itself.
+    run = write_run(tmp_path / "ctx", threshold_model(channels=3, source_channel=2), context=1)
+    hu = ct_phantom()
+    nib.save(nib.Nifti1Image(hu, LPS), str(tmp_path / "v.nii"))
+    volume = load_volume(tmp_path / "v.nii")
+    model, info = load_predictor(run)
+    labels, _ = predict_volume(model, info, volume, NO_POST)
+    z = volume.data.shape[2]
+    shifted = volume.data[:, :, [min(k + 1, z - 1) for k in range(z)]]
+    np.testing.assert_array_equal(labels, expected_ct_labels(shifted))
+
+
+def shift_model():
+    """A model that is NOT flip-equivariant: each output pixel reads its upper-left neighbour."""
+    inputs = keras.Input((None, None, 1))
+    conv = keras.layers.Conv2D(1, 3, padding="same", name="head_conv")
+    outputs = keras.layers.Activation("sigmoid", name="head_sigmoid")(conv(inputs))
+    kernel = np.zeros((3, 3, 1, 1), np.float32)
+    kernel[0, 0, 0, 0] = 4.0
+    conv.set_weights([kernel, np.zeros(1, np.float32)])
+    return keras.Model(inputs, outputs)
+
+
+def test_tta_averages_flips_so_predictions_become_flip_equivariant(tmp_path):
+    run = write_run(tmp_path / "shift", shift_model(), "mri")
+    data = np.random.default_rng(4).normal(size=(8, 12, 3)).astype(np.float32)
+    model, info = load_predictor(run)
+
+    def probs(array, tta):
+        nib.save(nib.Nifti1Image(array, np.eye(4)), str(tmp_path / "v.nii"))
+        return predict_volume(model, info, load_volume(tmp_path / "v.nii"), PredictSettings(tta=tta))[1]
+
+    for tta, equivariant in [(False, False), (True, True)]:
+        plain, flipped = probs(data, tta), probs(np.ascontiguousarray(data[::-1]), tta)
+        assert np.allclose(flipped[::-1], plain, atol=1e-5) == equivariant
+
+
+def test_folder_with_a_bad_file_still_processes_the_others(tmp_path, ct_run):
+    src = tmp_path / "lits"
+    src.mkdir()
+    nib.save(nib.Nifti1Image(ct_phantom(), LPS), str(src / "volume-1.nii"))
+    nib.save(nib.Nifti1Image(ct_phantom(), np.eye(4)), str(src / "volume-2.nii"))
+    (src / "volume-2.nii").write_bytes((src / "volume-2.nii").read_bytes()[:400])
+    nib.save(nib.Nifti1Image(ct_phantom(), np.eye(4)), str(src / "volume-3.nii.gz"))
+    lines = []
+    result = predict_path(ct_run, src, tmp_path / "out", PredictSettings(save_probabilities=True), lines.append)
+    assert result.written == [tmp_path / "out" / "segmentation-1.nii", tmp_path / "out" / "segmentation-3.nii.gz"]
+    [(failed, message)] = result.failures
+    assert failed == src / "volume-2.nii" and message.startswith(f"{failed}: unreadable or truncated NIfTI")
+    assert re.fullmatch(r"\[1/3\] volume-1: 6 slices, \d+\.\d s -> .*segmentation-1\.nii", lines[0])
+    assert lines[1].startswith("[2/3] volume-2: error: ") and "volume-2.nii: unreadable" in lines[1]
+    probs = nib.load(str(tmp_path / "out" / "probabilities-3.nii.gz"))
+    assert probs.shape == (20, 16, 6, 2) and probs.get_data_dtype() == np.float32
+
+
+def test_mri_layout_writes_case_folders(tmp_path):
+    run = write_run(tmp_path / "mri_run", threshold_model(modality="mri"), "mri")
+    for case in ["FZMC002", "FZMC010"]:
+        (tmp_path / "mri" / case).mkdir(parents=True)
+        data = np.zeros((12, 10, 4), np.float32)
+        data[2:8, 2:8, 1:3] = 100.0
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "mri" / case / "artery.nii.gz"))
+    result = predict_path(run, tmp_path / "mri", tmp_path / "out", progress=lambda line: None)
+    assert result.written == [tmp_path / "out" / c / "prediction.nii.gz" for c in ["FZMC002", "FZMC010"]]
+    mask = np.asarray(nib.load(str(result.written[0])).dataobj)
+    assert mask.sum() == 6 * 6 * 2 and mask[2:8, 2:8, 1:3].all()
+
+
+def test_channel_mismatch_is_a_clear_error(tmp_path):
+    run = write_run(tmp_path / "bad", threshold_model(channels=3), context=0)
+    with pytest.raises(RunError, match=r"bad/best\.keras: model takes 3 input channels but its config has "
+                                       r"context K=0 \(expected 2K\+1=1\)"):
+        load_predictor(run)
+
+
+def test_plan_jobs_names_and_errors(tmp_path):
+    from kerasunet.nifti import VolumeError
+
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(tmp_path / "scan.nii.gz"))
+    [job] = plan_jobs(tmp_path / "scan.nii.gz", tmp_path / "o", probabilities=True)
+    assert (job.output.name, job.probabilities.name) == ("scan_prediction.nii.gz", "scan_probabilities.nii.gz")
+    [job] = plan_jobs(tmp_path / "scan.nii.gz", tmp_path / "mask.nii")
+    assert job.output == tmp_path / "mask.nii" and job.probabilities is None
+    with pytest.raises(VolumeError, match=r"missing\.nii: file or folder not found"):
+        plan_jobs(tmp_path / "missing.nii", tmp_path / "o")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(VolumeError, match=r"notes\.txt: not a NIfTI file"):
+        plan_jobs(tmp_path / "notes.txt", tmp_path / "o")
+    with pytest.raises(VolumeError, match=r"o\.nii\.gz: the input is a folder, so the output must be a folder"):
+        plan_jobs(tmp_path, tmp_path / "o.nii.gz")
+
+
+def test_synth_phantoms_round_trip_in_every_stored_orientation(tmp_path, ct_run, tiny_phantoms):
+    # volume-2 is stored LPS, volume-5 PLI (x/y swapped, z flipped), volume-3 gzipped, all int16 HU
+    result = predict_path(ct_run, tiny_phantoms / "lits", tmp_path / "out", NO_POST, progress=lambda line: None)
+    assert not result.failures and len(result.written) == 6
+    for n in range(6):
+        suffix = ".nii.gz" if n == 3 else ".nii"
+        image = nib.load(str(tiny_phantoms / "lits" / f"volume-{n}{suffix}"))
+        mask = nib.load(str(tmp_path / "out" / f"segmentation-{n}{suffix}"))
+        np.testing.assert_allclose(mask.affine, image.affine)
+        assert mask.shape == image.shape
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), expected_ct_labels(image.get_fdata()))
