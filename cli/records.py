@@ -1,0 +1,131 @@
+"""``kerasunet build-records`` and ``kerasunet inspect-records``: thin wrappers over the library.
+
+Library imports happen inside the commands, so ``kerasunet --help`` and the build's worker
+processes (which re-import the main module) do not load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+
+def _pair(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"Expected LO,HI (two numbers). Received: {value!r}") from None
+    return (lo, hi)
+
+
+def _names(ctx, param, value):
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+class _Progress:
+    """One status line per stage: cases done/total, slices, ETA."""
+
+    def __init__(self):
+        self.stage, self.start = None, 0.0
+
+    def __call__(self, stage, done, total, slices):
+        if stage != self.stage:
+            self.stage, self.start = stage, time.monotonic()
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / done * (total - done)
+        line = f"{stage}: {done}/{total} cases, {slices} slices, ETA {eta:4.0f}s"
+        if sys.stderr.isatty():
+            click.echo(f"\r{line}", err=True, nl=done == total)
+        elif done == total:
+            click.echo(line, err=True)
+
+
+def _echo_summary(manifest: dict) -> None:
+    for split, entry in manifest["splits"].items():
+        stats = manifest["class_stats"][split]
+        fg = ", ".join(f"{k} {v:.2%}" for k, v in stats["foreground_fraction"].items())
+        click.echo(f"{split}: {len(entry['cases'])} cases, {entry['num_examples']} examples in "
+                   f"{len(entry['shards'])} shards; {stats['tumour_slices']} tumour slices; foreground {fg}")
+    for skip in manifest["skipped"]:
+        click.echo(f"skipped {skip['case_id']}: {skip['reason']}")
+
+
+@click.command("build-records")
+@click.option("--lits", type=click.Path(file_okay=False), help="LiTS folder (volume-N / segmentation-N).")
+@click.option("--mri", type=click.Path(file_okay=False), help="MRI folder (one folder per case).")
+@click.option("--phase", default="artery", show_default=True, help="MRI phase image name.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Records folder.")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: CPU count].")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random case split.")
+@click.option("--val-fraction", default=0.2, show_default=True, help="Fraction of cases for validation.")
+@click.option("--test-fraction", default=0.1, show_default=True, help="Fraction of cases for test.")
+@click.option("--val-cases", callback=_names, help="Comma-separated validation cases (instead of fractions).")
+@click.option("--test-cases", callback=_names, help="Comma-separated test cases (instead of fractions).")
+@click.option("--holdout", type=click.Choice(["random", "last"]), default="random", show_default=True,
+              help="'last': the last cases (natural order) are test, the ones before them val.")
+@click.option("--context", default=0, show_default=True, type=click.IntRange(min=0),
+              help="K slices on each side as extra channels (2.5D).")
+@click.option("--liver-slices", default=30, show_default=True, type=click.IntRange(min=0),
+              help="Per case, at most this many slices with liver (MRI: with tumour).")
+@click.option("--non-liver-slices", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Per case, at most this many slices without, next to the liver.")
+@click.option("--all-slices/--selected-slices", default=None,
+              help="Keep every slice [default: CT selected, MRI all].")
+@click.option("--hu-window", callback=_pair, default="-200,250", show_default=True, help="CT window LO,HI (HU).")
+@click.option("--percentiles", callback=_pair, default="1,99", show_default=True, help="MRI clip percentiles LO,HI.")
+@click.option("--shard-mb", default=128.0, show_default=True, help="Target shard size in MB.")
+@click.option("--gzip", is_flag=True, help="GZIP-compress the shards.")
+@click.option("--overwrite", is_flag=True, help="Rebuild even if OUT holds a build.")
+@click.pass_context
+def build_records(ctx, lits, mri, out, **options):
+    """Validates NIfTI cases and writes sharded TFRecords with a manifest.json."""
+    from tfrecords_builder.build import BuildSettings, build_records as build
+
+    if (lits is None) == (mri is None):
+        raise click.UsageError("Expected exactly one of --lits DIR or --mri DIR.")
+    explicit = options["val_cases"] or options["test_cases"]
+    given = [f"--{n.replace('_', '-')}" for n in ("val_fraction", "test_fraction", "holdout")
+             if ctx.get_parameter_source(n).name != "DEFAULT"]
+    if explicit and given:
+        raise click.UsageError(f"--val-cases/--test-cases replace {', '.join(given)}; give one or the other.")
+    try:
+        settings = BuildSettings(source=lits or mri, dataset="lits" if lits else "mri", out=out, **options)
+        manifest = build(settings, progress=_Progress(), log=click.echo)
+    except ValueError as exc:  # BuildError, invalid settings
+        raise click.ClickException(str(exc)) from None
+    _echo_summary(manifest)
+    click.echo(f"records: {out}/manifest.json")
+
+
+@click.command("inspect-records")
+@click.argument("records_dir", type=click.Path(file_okay=False))
+@click.option("--show", default=0, type=click.IntRange(min=0), help="Write a PNG of N decoded examples.")
+@click.option("--split", default=None, help="Split to show [default: the first].")
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG path for --show.")
+def inspect_records(records_dir, show, split, out):
+    """Prints a records folder's summary and verifies every shard's SHA-256 and example count."""
+    from kerasunet.data import RecordsError, load_split_examples, read_manifest, save_example_grid, verify_records
+
+    if show and not out:
+        raise click.BadParameter("Expected --out PNG with --show.", param_hint="--out")
+    try:
+        manifest = read_manifest(records_dir)
+        click.echo(f"{manifest['name']} ({manifest['modality']}), context {manifest['context']}, "
+                   f"{len(manifest['cases'])} cases, {len(manifest['skipped'])} skipped")
+        _echo_summary(manifest)
+        problems = verify_records(records_dir)
+        for problem in problems:
+            click.echo(problem, err=True)
+        if problems:
+            raise click.ClickException(f"{len(problems)} shard(s) failed verification; first: {problems[0]}")
+        click.echo(f"verified {sum(len(e['shards']) for e in manifest['splits'].values())} shards: OK")
+        if show:
+            split = split or next(iter(manifest["splits"]))
+            examples = list(load_split_examples(records_dir, split, limit=show))
+            click.echo(f"wrote {save_example_grid(examples, manifest['modality'], out)}")
+    except RecordsError as exc:
+        raise click.ClickException(str(exc)) from None

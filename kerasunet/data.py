@@ -1,0 +1,289 @@
+"""The tf.data reader of a records folder written by ``kerasunet build-records``.
+
+Pipeline: interleave shard files -> parse -> decode -> normalise -> (resize / pad) ->
+augment (training only) -> shuffle -> batch -> prefetch. Everything runs inside tf.data.
+
+* Normalisation uses each example's own case statistics (``image/norm_stats``) and
+  :func:`kerasunet.preprocessing.normalize`, the same formula predict and export use.
+* ``image_size=(H, W)`` *resizes* (bilinear image, nearest-neighbour mask) rather than
+  crops, so the whole field of view is kept; predict must resize its output back.
+* ``pad_to_multiple=m`` pads bottom/right to the next multiple of m with the example's
+  normalised minimum, ``(lo - mean) / std`` (the value of voxels at or below the window
+  floor, i.e. background), and with 0 in the targets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from kerasunet.labels import VALID_LABELS, targets_from_labels_np
+from kerasunet.preprocessing import normalize
+from tfrecords_builder.build import MANIFEST_FILE
+from tfrecords_builder.features import decode_example, parse_example
+from tfrecords_builder.writer import file_sha256
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class RecordsError(ValueError):
+    """A records folder or split that cannot be read. The message names the path."""
+
+
+def read_manifest(records_dir: str | Path) -> dict:
+    """Reads ``records_dir/manifest.json``.
+
+    Raises:
+        RecordsError: the manifest is missing or unreadable.
+    """
+    path = Path(records_dir) / MANIFEST_FILE
+    if not path.exists():
+        raise RecordsError(f"{path}: not found (build it with `kerasunet build-records`)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RecordsError(f"{path}: unreadable ({exc})") from None
+
+
+def split_files(records_dir: str | Path, manifest: dict, split: str) -> list[str]:
+    """The shard paths of a split. Raises RecordsError when the split is missing or empty."""
+    entry = manifest["splits"].get(split)
+    if not entry or entry["num_examples"] == 0:
+        raise RecordsError(f"{Path(records_dir) / MANIFEST_FILE}: split {split!r} is empty "
+                           f"(splits with examples: {sorted(manifest['splits'])})")
+    return [str(Path(records_dir) / s["file"]) for s in entry["shards"]]
+
+
+def targets_from_labels(label, modality: str):
+    """uint8 label map ``(H, W)`` -> float32 targets ``(H, W, N)`` (tf twin of labels.targets_from_labels_np).
+
+    One table lookup per voxel (row = label value), cheaper than comparing per channel;
+    the builder guarantees label values are in ``VALID_LABELS[modality]``.
+    """
+    table = targets_from_labels_np(np.array(VALID_LABELS[modality]), modality)
+    return tf.gather(tf.constant(table), tf.cast(label, tf.int32))
+
+
+def _records(files: list[str], manifest: dict, training: bool, seed):
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        ds = ds.shuffle(len(files), seed=seed)
+    compression = manifest.get("compression") or ""
+    return ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
+                         cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
+                         deterministic=not training)
+
+
+def _oversample(parsed, fraction: float, seed, repeat: bool):
+    """Draws ``fraction`` of the stream from tumour slices (nnU-Net style foreground oversampling).
+
+    Without ``repeat`` an epoch ends when the plain stream runs out, so it holds every
+    slice once plus the extra tumour draws.
+    """
+    tumour = parsed.filter(lambda p: p["image/has_tumour"] > 0).repeat()
+    plain = parsed.repeat() if repeat else parsed
+    return tf.data.Dataset.sample_from_datasets([plain, tumour], weights=[1.0 - fraction, fraction],
+                                                seed=seed, stop_on_empty_dataset=not repeat)
+
+
+def _pad_to_multiple(image, target, stats, multiple: int):
+    shape = tf.shape(image)
+    pad_h = (-shape[0]) % multiple
+    pad_w = (-shape[1]) % multiple
+    floor = (stats[0] - stats[2]) / stats[3]
+    image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=floor)
+    return image, tf.pad(target, [[0, pad_h], [0, pad_w], [0, 0]])
+
+
+def _static_hw(manifest: dict, split: str, image_size, pad_to_multiple):
+    """The (H, W) every batch will have, or None where the split's cases differ."""
+    if image_size is not None:
+        shapes = {tuple(image_size)}
+    else:
+        shapes = {tuple(manifest["cases"][c]["shape"][:2]) for c in manifest["splits"][split]["cases"]}
+    if len(shapes) != 1:
+        return (None, None)
+    (h, w), m = shapes.pop(), pad_to_multiple or 1
+    return (-(-h // m) * m, -(-w // m) * m)
+
+
+def _example_fn(manifest: dict, image_size, pad_to_multiple):
+    """parse -> decode -> normalise -> resize/pad, as one map function."""
+    modality, channels = manifest["modality"], manifest["channels"]
+
+    def fn(parsed):
+        ex = decode_example(parsed, channels)
+        image = normalize(ex["image"], ex["norm_stats"])
+        target = targets_from_labels(ex["label"], modality)
+        if image_size is not None:
+            image = tf.image.resize(image, image_size, method="bilinear")
+            target = tf.image.resize(target, image_size, method="nearest")
+        if pad_to_multiple:
+            image, target = _pad_to_multiple(image, target, ex["norm_stats"], pad_to_multiple)
+        return image, target
+
+    return fn
+
+
+def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, image_size=None,
+                pad_to_multiple=None, augment=None, oversample_tumour: float = 0.0, seed=None,
+                repeat: bool = False, drop_remainder=None, shuffle_buffer: int = 256) -> tf.data.Dataset:
+    """Batches of ``(image [B, H, W, C] normalised, target [B, H, W, N])`` from one split.
+
+    Args:
+        records_dir: folder with ``manifest.json`` and the shards.
+        split: "train", "val" or "test".
+        batch_size: examples per batch.
+        training: shuffle files and examples, augment, non-deterministic order for speed.
+            When False the order is the stored order (cases, then slices).
+        image_size: ``(H, W)`` to resize to (bilinear image, nearest mask).
+        pad_to_multiple: pad bottom/right to the next multiple (e.g. 16 for a depth-4 U-Net).
+        augment: ``kerasunet.augment.AugmentSettings``; applied only when training.
+        oversample_tumour: fraction of the stream drawn from slices with tumour (training only).
+        seed: seed for file order, shuffling, augmentation and oversampling.
+        repeat: repeat forever (then use ``steps_per_epoch``).
+        drop_remainder: drop the last short batch; defaults to ``training``.
+        shuffle_buffer: examples in the shuffle buffer (each holds a decoded slice).
+
+    Raises:
+        RecordsError: missing manifest or empty split, or oversampling a split without tumour.
+        ValueError: invalid arguments.
+    """
+    if batch_size < 1:
+        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
+    if not 0 <= oversample_tumour < 1:
+        raise ValueError(f"Expected 0 <= oversample_tumour < 1. Received: oversample_tumour={oversample_tumour}")
+    if pad_to_multiple is not None and pad_to_multiple < 1:
+        raise ValueError(f"Expected pad_to_multiple >= 1. Received: pad_to_multiple={pad_to_multiple}")
+    manifest = read_manifest(records_dir)
+    files = split_files(records_dir, manifest, split)
+    parsed = _records(files, manifest, training, seed).map(parse_example, num_parallel_calls=AUTOTUNE,
+                                                           deterministic=not training)
+    if training and oversample_tumour > 0:
+        if manifest["class_stats"][split]["tumour_slices"] == 0:
+            raise RecordsError(f"{records_dir}: split {split!r} has no tumour slices to oversample")
+        parsed = _oversample(parsed, oversample_tumour, seed, repeat)
+    ds = parsed.map(_example_fn(manifest, image_size, pad_to_multiple),
+                    num_parallel_calls=AUTOTUNE, deterministic=not training)
+    if training and augment is not None:
+        ds = _augmented(ds, augment, seed)
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat and not (training and oversample_tumour > 0):
+        ds = ds.repeat()
+    drop = training if drop_remainder is None else drop_remainder
+    ds = ds.batch(batch_size, drop_remainder=drop, num_parallel_calls=AUTOTUNE,
+                  deterministic=not training)
+    height, width = _static_hw(manifest, split, image_size, pad_to_multiple)
+    outputs = len(manifest["outputs"])
+    batch = batch_size if drop else None
+    ds = ds.map(lambda x, y: (tf.ensure_shape(x, [batch, height, width, manifest["channels"]]),
+                              tf.ensure_shape(y, [batch, height, width, outputs])))
+    return ds.prefetch(AUTOTUNE)
+
+
+def _augmented(ds, settings, seed):
+    from kerasunet.augment import augment
+
+    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+    seeds = seeds.map(lambda s: tf.cast(s % (2**31 - 1), tf.int32))
+    return tf.data.Dataset.zip((ds, seeds)).map(
+        lambda xy, s: augment(xy[0], xy[1], settings, s), num_parallel_calls=AUTOTUNE, deterministic=False)
+
+
+def load_split_examples(records_dir, split: str, limit: int | None = None):
+    """Yields the stored examples of a split as numpy dicts, in stored order (for tests and tools).
+
+    Each dict holds ``key``, ``case_id``, ``slice_index``, ``image`` (raw float32 H x W x C),
+    ``label`` (uint8 H x W), ``norm_stats``, ``spacing`` and ``has_tumour``.
+    """
+    manifest = read_manifest(records_dir)
+    files = split_files(records_dir, manifest, split)
+    ds = _records(files, manifest, False, None).map(lambda s: decode_example(parse_example(s)))
+    if limit is not None:
+        ds = ds.take(limit)
+    for ex in ds.as_numpy_iterator():
+        yield {"key": ex["source_id"].decode(), "case_id": ex["case_id"].decode(),
+               "slice_index": int(ex["slice_index"]), "image": ex["image"], "label": ex["label"],
+               "norm_stats": ex["norm_stats"], "spacing": ex["spacing"], "has_tumour": bool(ex["has_tumour"])}
+
+
+def verify_records(records_dir) -> list[str]:
+    """Checks every shard's SHA-256 and example count against the manifest.
+
+    Returns:
+        One line per problem, each starting with the shard's path; empty when all is well.
+    """
+    manifest = read_manifest(records_dir)
+    problems = []
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            path = Path(records_dir) / shard["file"]
+            problems += _verify_shard(path, shard, manifest.get("compression") or "")
+    return problems
+
+
+def _verify_shard(path: Path, shard: dict, compression: str) -> list[str]:
+    if not path.exists():
+        return [f"{path}: missing"]
+    digest = file_sha256(path)
+    if digest != shard["sha256"]:
+        return [f"{path}: SHA-256 mismatch (expected {shard['sha256'][:12]}…, got {digest[:12]}…)"]
+    try:
+        count = sum(1 for _ in tf.data.TFRecordDataset(str(path), compression_type=compression))
+    except tf.errors.OpError as exc:
+        return [f"{path}: unreadable records ({exc.message.splitlines()[0]})"]
+    if count != shard["num_examples"]:
+        return [f"{path}: holds {count} examples, manifest says {shard['num_examples']}"]
+    return []
+
+
+def example_arrays(example: dict, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised image and targets of one :func:`load_split_examples` dict (numpy)."""
+    from kerasunet.preprocessing import normalize_np
+
+    return normalize_np(example["image"], example["norm_stats"]), targets_from_labels_np(example["label"], modality)
+
+
+OVERLAY_COLOURS = {"liver": (0.1, 0.9, 0.2), "tumour": (1.0, 0.1, 0.1)}
+
+
+def save_example_grid(examples: list[dict], modality: str, path: str | Path, columns: int = 4) -> Path:
+    """Writes a PNG grid of examples (centre channel, normalised) with their masks overlaid.
+
+    Args:
+        examples: dicts from :func:`load_split_examples`.
+        modality: "ct" or "mri" (which output channels to overlay).
+        path: the PNG to write (atomically).
+        columns: images per row.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kerasunet.atomic import atomic_path
+    from kerasunet.labels import OUTPUTS
+
+    rows = -(-len(examples) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, ex in zip(axes.ravel(), examples):
+        image, target = example_arrays(ex, modality)
+        ax.imshow(image[..., image.shape[-1] // 2], cmap="gray")
+        for channel, name in enumerate(OUTPUTS[modality]):
+            overlay = np.zeros(target.shape[:2] + (4,))
+            overlay[..., :3] = OVERLAY_COLOURS[name]
+            overlay[..., 3] = 0.4 * target[..., channel]
+            ax.imshow(overlay)
+        ax.set_title(ex["key"], fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path

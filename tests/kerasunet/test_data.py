@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+
+from kerasunet.augment import AugmentSettings
+from kerasunet.data import RecordsError, get_dataset, load_split_examples, read_manifest, verify_records
+from kerasunet.labels import targets_from_labels_np
+from kerasunet.preprocessing import normalize_np
+from tests.tfrecords_builder.test_build import LPS, phantom, save, settings_for, write_lits
+from tfrecords_builder.build import build_records
+
+
+@pytest.fixture(scope="module")
+def ct_records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    src = write_lits(root / "lits", n=5, affines={1: LPS})
+    out = root / "ct"
+    build_records(settings_for(src, out, context=1, liver_slices=4, non_liver_slices=4,
+                               val_fraction=0.2, test_fraction=0, shard_mb=0.02))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mri_records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mri")
+    for i in range(3):
+        image, label = phantom(i)
+        (root / "src" / f"P{i}").mkdir(parents=True)
+        save(root / "src" / f"P{i}" / "artery.nii.gz", image.astype(np.float32) * 3 + 5000)
+        save(root / "src" / f"P{i}" / "label.nii.gz", (label == 2).astype(np.uint8))
+    build_records(settings_for(root / "src", root / "out", dataset="mri", val_fraction=0, test_fraction=0))
+    return root / "out"
+
+
+def _all(ds):
+    xs, ys = zip(*ds.as_numpy_iterator())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+@pytest.mark.parametrize("records, modality", [("ct_records", "ct"), ("mri_records", "mri")])
+def test_reader_normalises_with_case_stats_and_builds_targets(records, modality, request):
+    out = request.getfixturevalue(records)
+    examples = list(load_split_examples(out, "train"))
+    ds = get_dataset(out, "train", batch_size=4, training=False)
+    x, y = _all(ds)
+    assert len(x) == len(examples) == read_manifest(out)["splits"]["train"]["num_examples"]
+    expected_x = np.stack([normalize_np(e["image"], e["norm_stats"]) for e in examples])
+    expected_y = np.stack([targets_from_labels_np(e["label"], modality) for e in examples])
+    np.testing.assert_allclose(x, expected_x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(y, expected_y)
+    assert y.shape[-1] == (2 if modality == "ct" else 1) and y.max() == 1
+
+
+def test_static_shapes_and_pad_to_multiple(ct_records):
+    ds = get_dataset(ct_records, "train", batch_size=2, training=False, pad_to_multiple=16, drop_remainder=True)
+    assert ds.element_spec[0].shape.as_list() == [2, 32, 32, 3]
+    assert ds.element_spec[1].shape.as_list() == [2, 32, 32, 2]
+    x, y = next(iter(ds))
+    ex = next(load_split_examples(ct_records, "train"))
+    lo, hi, mean, std = ex["norm_stats"]
+    np.testing.assert_allclose(x[0, 24:], (lo - mean) / std)  # padded rows hold the normalised floor
+    np.testing.assert_allclose(x[0, :, 20:], (lo - mean) / std)
+    assert float(np.abs(y[:, 24:]).max()) == 0 and float(np.abs(y[:, :, 20:]).max()) == 0
+    np.testing.assert_allclose(x[0, :24, :20], normalize_np(ex["image"], ex["norm_stats"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("image_size, pad, static", [((16, 12), None, [16, 12]), ((20, 12), 16, [32, 16])])
+def test_image_size_resizes_bilinear_image_and_nearest_mask(ct_records, image_size, pad, static):
+    import tensorflow as tf
+
+    ds = get_dataset(ct_records, "train", batch_size=3, training=False, image_size=image_size, pad_to_multiple=pad)
+    assert ds.element_spec[0].shape.as_list() == [None, *static, 3]
+    x, y = _all(ds)
+    assert x.shape[1:3] == tuple(static) and set(np.unique(y)) <= {0.0, 1.0}
+    ex = next(load_split_examples(ct_records, "train"))
+    image, target = normalize_np(ex["image"], ex["norm_stats"]), targets_from_labels_np(ex["label"], "ct")
+    h, w = image_size
+    np.testing.assert_allclose(x[0, :h, :w], tf.image.resize(image, image_size, "bilinear"), atol=1e-5)
+    np.testing.assert_array_equal(y[0, :h, :w], tf.image.resize(target, image_size, "nearest"))
+
+
+def test_training_stream_with_augmentation_is_binary_and_batched(ct_records):
+    ds = get_dataset(ct_records, "train", batch_size=4, training=True, augment=AugmentSettings(elastic_prob=0.5),
+                     seed=1, repeat=True)
+    for x, y in ds.take(3):
+        assert x.shape == (4, 24, 20, 3) and y.shape == (4, 24, 20, 2)
+        assert set(np.unique(y.numpy())) <= {0.0, 1.0}
+        assert np.isfinite(x.numpy()).all()
+
+
+def test_oversampling_raises_the_tumour_slice_fraction(ct_records):
+    def tumour_fraction(**kw):
+        ds = get_dataset(ct_records, "train", batch_size=8, training=True, seed=0, repeat=True, **kw)
+        y = np.concatenate([y for _, y in ds.take(30).as_numpy_iterator()])
+        return (y[..., 1].max(axis=(1, 2)) > 0).mean()
+
+    base = tumour_fraction()
+    assert tumour_fraction(oversample_tumour=0.6) > base + 0.25
+
+
+def test_finite_oversampled_epoch_ends(ct_records):
+    n = read_manifest(ct_records)["splits"]["train"]["num_examples"]
+    ds = get_dataset(ct_records, "train", batch_size=1, training=True, seed=0, oversample_tumour=0.5)
+    assert n < sum(1 for _ in ds) < 10 * n
+
+
+def test_empty_split_and_missing_manifest_are_clear_errors(ct_records, tmp_path):
+    empty = r"manifest.json: split 'test' is empty \(splits with examples: \['train', 'val'\]\)"
+    with pytest.raises(RecordsError, match=empty):
+        get_dataset(ct_records, "test", batch_size=2, training=False)
+    with pytest.raises(RecordsError, match=r"manifest.json: not found \(build it with `kerasunet build-records`\)"):
+        read_manifest(tmp_path)
+
+
+def test_verify_records_names_a_corrupt_shard(ct_records, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ct_records, copy)
+    shard = sorted(copy.glob("lits-val.tfrecord-*"))[0]
+    blob = bytearray(shard.read_bytes())
+    blob[100] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    (problem,) = verify_records(copy)
+    assert problem.startswith(f"{shard}: SHA-256 mismatch")

@@ -1,0 +1,221 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kerasunet.data import load_split_examples, read_manifest, verify_records
+from kerasunet.nifti import load_volume
+from tfrecords_builder.build import BuildError, BuildSettings, assign_splits, build_records, split_counts
+
+RAS = np.diag([0.8, 0.7, 2.5, 1.0])
+LPS = np.diag([-0.8, -0.7, 2.5, 1.0])
+SHAPE = (24, 20, 14)
+
+
+def phantom(seed: int, shape=SHAPE, liver=(3, 10), tumour=(5, 7)):
+    """A CT-like volume (HU) and a LiTS label: liver in z range ``liver``, tumour in ``tumour``."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(-1000, 400, size=shape).astype(np.int16)
+    label = np.zeros(shape, np.uint8)
+    label[4:18, 3:15, liver[0]:liver[1]] = 1
+    label[8:12, 6:10, tumour[0]:tumour[1]] = 2
+    return image, label
+
+
+def save(path, data, affine=RAS, slope=None):
+    img = nib.Nifti1Image(data, affine)
+    if slope is not None:
+        img.header.set_slope_inter(*slope)
+    nib.save(img, str(path))
+
+
+def write_lits(root, n=5, affines=None, suffixes=None, start=0):
+    """Writes ``n`` LiTS cases ``volume-i`` / ``segmentation-i``; returns the folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        image, label = phantom(i)
+        affine = (affines or {}).get(i, RAS)
+        suffix = (suffixes or {}).get(i, ".nii")
+        save(root / f"volume-{i}{suffix}", image, affine, slope=(1.0, 0.0) if i % 2 else None)
+        save(root / f"segmentation-{i}{suffix}", label, affine)
+    return root
+
+
+def settings_for(src, out, **kw):
+    kw.setdefault("workers", 1)
+    kw.setdefault("dataset", "lits")
+    return BuildSettings(source=str(src), out=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def lits_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "lits"
+    return write_lits(root, n=6, affines={1: LPS}, suffixes={2: ".nii.gz"})
+
+
+@pytest.fixture(scope="module")
+def built(lits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("records") / "ct"
+    return out, build_records(settings_for(lits_dir, out, val_fraction=0.2, test_fraction=0.2,
+                                           liver_slices=4, non_liver_slices=3, shard_mb=0.01))
+
+
+def _source_slices(manifest, case_id, context):
+    case = manifest["cases"][case_id]
+    image = load_volume(case["image"]).data
+    label = load_volume(case["label"]).data.astype(np.uint8)
+    depth = image.shape[2]
+    # channel j of slice k is slice k - context + j, clamped to the volume (border repeated)
+    stacks = [np.stack([image[:, :, min(max(k + d, 0), depth - 1)] for d in range(-context, context + 1)], -1)
+              for k in case["slices"]]
+    return np.stack(stacks), np.moveaxis(label[:, :, case["slices"]], 2, 0)
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_round_trip_gives_back_canonical_voxels_and_labels(lits_dir, tmp_path, context):
+    out = tmp_path / "rec"
+    manifest = build_records(settings_for(lits_dir, out, context=context, liver_slices=4,
+                                          non_liver_slices=3, val_fraction=0.2, test_fraction=0.2))
+    assert manifest["channels"] == 2 * context + 1
+    seen = set()
+    for split, entry in manifest["splits"].items():
+        examples = list(load_split_examples(out, split))
+        assert len(examples) == entry["num_examples"] == sum(len(manifest["cases"][c]["slices"])
+                                                             for c in entry["cases"])
+        for case_id in entry["cases"]:
+            mine = [e for e in examples if e["case_id"] == case_id]
+            images, labels = _source_slices(manifest, case_id, context)
+            assert [e["slice_index"] for e in mine] == manifest["cases"][case_id]["slices"]
+            assert [e["key"] for e in mine] == [f"{case_id}/{e['slice_index']}" for e in mine]
+            np.testing.assert_array_equal(np.stack([e["image"] for e in mine]), images)
+            np.testing.assert_array_equal(np.stack([e["label"] for e in mine]), labels)
+            seen.add(case_id)
+    assert seen == {f"volume-{i}" for i in range(6)}
+
+
+def test_lps_and_gz_cases_match_the_canonical_phantom(built, lits_dir):
+    out, manifest = built
+    # volume-1 is stored LPS: canonical order flips x and y back to the phantom's own order
+    image, label = phantom(1)
+    for case_id, expected_image, expected_label in (("volume-1", image[::-1, ::-1], label[::-1, ::-1]),
+                                                    ("volume-2", *phantom(2))):
+        split = manifest["cases"][case_id]["split"]
+        ex = next(e for e in load_split_examples(out, split) if e["case_id"] == case_id)
+        k = ex["slice_index"]
+        np.testing.assert_array_equal(ex["image"][..., 0], expected_image[:, :, k])
+        np.testing.assert_array_equal(ex["label"], expected_label[:, :, k])
+
+
+def test_manifest_lists_splits_shards_cases_and_stats(built):
+    out, manifest = built
+    assert read_manifest(out) == json.loads(json.dumps(manifest))
+    assert manifest["name"] == "lits" and manifest["modality"] == "ct" and manifest["norm"]["modality"] == "ct"
+    assert set(manifest["splits"]) == {"train", "val", "test"}
+    for split, entry in manifest["splits"].items():
+        assert len(entry["shards"]) > 1  # shard_mb=0.01 forces several shards
+        total = len(entry["shards"])
+        assert [s["file"] for s in entry["shards"]] == [
+            f"lits-{split}.tfrecord-{i:05d}-of-{total:05d}" for i in range(total)]
+        assert sum(s["num_examples"] for s in entry["shards"]) == entry["num_examples"]
+        stats = manifest["class_stats"][split]
+        assert 0 < stats["foreground_fraction"]["tumour"] < stats["foreground_fraction"]["liver"] < 1
+        assert stats["tumour_slices"] > 0
+    case = manifest["cases"]["volume-0"]
+    assert case["shape"] == list(SHAPE) and case["spacing"] == pytest.approx([0.8, 0.7, 2.5])
+    # liver spans z 3..9: 4 evenly spaced + the 3 nearest slices without liver (below first on ties)
+    assert case["slices"] == [1, 2, 3, 5, 7, 9, 10]
+    assert verify_records(out) == []
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_no_case_in_two_splits_and_split_is_seeded(lits_dir):
+    ids = [f"volume-{i}" for i in range(10)]
+    a = assign_splits(ids, settings_for(lits_dir, "x", seed=3, val_fraction=0.2, test_fraction=0.2))
+    assert a == assign_splits(ids, settings_for(lits_dir, "x", seed=3, val_fraction=0.2, test_fraction=0.2))
+    assert a != assign_splits(ids, settings_for(lits_dir, "x", seed=4, val_fraction=0.2, test_fraction=0.2))
+    assert sorted(sum(a.values(), [])) == sorted(ids)
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (6, 2, 2)
+
+
+def test_holdout_last_holds_out_the_last_cases(lits_dir):
+    ids = [f"volume-{i}" for i in range(10)]
+    a = assign_splits(ids, settings_for(lits_dir, "x", holdout="last", val_fraction=0.1, test_fraction=0.2))
+    assert a == {"train": ids[:7], "val": ["volume-7"], "test": ["volume-8", "volume-9"]}
+
+
+def test_explicit_split_lists(lits_dir):
+    ids = ["a", "b", "c", "d"]
+    a = assign_splits(ids, settings_for(lits_dir, "x", val_cases=("b",), test_cases=("d",)))
+    assert a == {"train": ["a", "c"], "val": ["b"], "test": ["d"]}
+    with pytest.raises(BuildError, match=r"Expected test_cases to name usable cases. Received: \['zz'\]"):
+        assign_splits(ids, settings_for(lits_dir, "x", test_cases=("zz",)))
+
+
+@pytest.mark.parametrize("n, fractions, expected", [(3, (0.1, 0.1), (1, 1)), (10, (0.25, 0.15), (3, 2)),
+                                                    (131, (0.2, 0.1), (26, 13)), (5, (0.0, 0.2), (0, 1))])
+def test_split_counts_round_half_up_and_give_each_requested_split_a_case(n, fractions, expected):
+    assert split_counts(n, *fractions) == expected
+
+
+def test_too_few_cases_for_the_splits_is_an_error():
+    with pytest.raises(BuildError, match=r"Received: 2 usable cases"):
+        split_counts(2, 0.1, 0.1)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"val_fraction": 1.0}, r"Expected 0 <= val_fraction < 1. Received: val_fraction=1.0"),
+    ({"holdout": "first"}, r"Expected holdout in \('random', 'last'\). Received: holdout='first'"),
+    ({"hu_window": (100, -100)}, r"Expected hu_window lo < hi"),
+    ({"liver_slices": 0, "non_liver_slices": 0}, r"Expected at least one slice per case"),
+    ({"val_cases": ("a",), "test_cases": ("a",)}, r"Expected no case in both"),
+])
+def test_invalid_settings_are_rejected(kw, match):
+    with pytest.raises(ValueError, match=match):
+        BuildSettings(source="s", dataset="lits", out="o", **kw)
+
+
+def test_rerun_of_finished_build_is_a_noop_and_other_settings_need_overwrite(built, lits_dir):
+    out, manifest = built
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    messages = []
+    again = build_records(settings_for(lits_dir, out, val_fraction=0.2, test_fraction=0.2, liver_slices=4,
+                                       non_liver_slices=3, shard_mb=0.01, workers=3), log=messages.append)
+    assert again == json.loads(json.dumps(manifest))
+    assert "nothing to do" in messages[0]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    with pytest.raises(BuildError, match=r"holds a finished build with different settings \(context: 0 -> 1\)"):
+        build_records(settings_for(lits_dir, out, val_fraction=0.2, test_fraction=0.2, liver_slices=4,
+                                   non_liver_slices=3, shard_mb=0.01, context=1))
+
+
+def test_settings_hash_ignores_run_only_fields_and_number_types(lits_dir):
+    a = settings_for(lits_dir, "a", hu_window=(-200, 250), shard_mb=128, workers=1)
+    b = settings_for(lits_dir, "b", hu_window=(-200.0, 250.0), workers=4, overwrite=True)
+    assert a.settings_hash() == b.settings_hash()
+    assert a.settings_hash() != settings_for(lits_dir, "a", context=1).settings_hash()
+
+
+def test_overwrite_rebuilds_with_new_settings(lits_dir, tmp_path):
+    out = tmp_path / "rec"
+    build_records(settings_for(lits_dir, out, liver_slices=2, non_liver_slices=0, shard_mb=0.001))
+    manifest = build_records(settings_for(lits_dir, out, liver_slices=1, non_liver_slices=0, overwrite=True))
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["manifest.json"] + [s["file"] for e in manifest["splits"].values() for s in e["shards"]])
+    assert manifest["splits"]["train"]["num_examples"] == len(manifest["splits"]["train"]["cases"])
+
+
+def test_parallel_workers_write_the_same_shards(lits_dir, tmp_path, built):
+    out, manifest = built
+    par = build_records(settings_for(lits_dir, tmp_path / "par", val_fraction=0.2, test_fraction=0.2,
+                                     liver_slices=4, non_liver_slices=3, shard_mb=0.01, workers=2))
+    assert par["splits"] == manifest["splits"]
+
+
+def test_gzip_shards_read_back(lits_dir, tmp_path):
+    out = tmp_path / "gz"
+    manifest = build_records(settings_for(lits_dir, out, gzip=True, liver_slices=2, non_liver_slices=1,
+                                          val_fraction=0, test_fraction=0))
+    assert manifest["compression"] == "GZIP" and list(manifest["splits"]) == ["train"]
+    assert len(list(load_split_examples(out, "train"))) == 6 * 3
+    assert verify_records(out) == []

@@ -1,0 +1,386 @@
+"""``build_records``: validated cases -> case-level splits -> sharded TFRecords -> manifest.json.
+
+Crash safety: the output folder holds a build-state file (``.build-state.json``, written
+atomically) with the settings hash, the validated cases, the splits and the splits whose
+shards are complete. Shards are written under temporary names and renamed only when their
+split is complete; the manifest is written last. On a rerun after a kill, temporary files
+and shards of unfinished splits are deleted and those splits are rebuilt; finished splits
+are kept. A finished build with the same settings is a no-op.
+
+Each case is read twice: once to validate it and choose its slices (so splits are drawn
+over usable cases only), once to write its slices. Holding or caching every case's slices
+instead would cost memory or disk the size of the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kerasunet.atomic import write_json
+from kerasunet.labels import OUTPUTS
+from kerasunet.nifti import CaseFiles, VolumeError
+from kerasunet.preprocessing import NormSettings
+from tfrecords_builder.features import FEATURES, slice_example
+from tfrecords_builder.ingest import DATASETS, CaseTask, SkipCase, extract_case, find_dataset_cases, inspect_case
+from tfrecords_builder.selection import SelectionSettings
+from tfrecords_builder.writer import SHARD_RE, TEMP_PREFIX, ShardWriter
+
+MANIFEST_FILE = "manifest.json"
+STATE_FILE = ".build-state.json"
+MANIFEST_VERSION = 1
+SPLITS = ("train", "val", "test")
+HOLDOUTS = ("random", "last")
+# settings that do not change the output, so they are left out of the settings hash
+RUN_ONLY = ("out", "workers", "overwrite")
+
+
+class BuildError(ValueError):
+    """A build that cannot go ahead. The message names the folder or case and the problem."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Every setting of ``kerasunet build-records``; CLI options map one-to-one onto fields.
+
+    Attributes:
+        source: the LiTS or MRI folder.
+        dataset: "lits" (CT) or "mri"; also the records' name.
+        out: the records folder.
+        phase: MRI phase image name (``<phase>.nii[.gz]`` in each case folder).
+        seed: seed of the random split.
+        val_fraction: fraction of usable cases for validation (see :func:`split_counts`).
+        test_fraction: fraction of usable cases for test.
+        val_cases: explicit validation cases (overrides the fractions with ``test_cases``).
+        test_cases: explicit test cases.
+        holdout: "random" (seeded) or "last" (the last cases in natural order are test,
+            the ones before them val, as the original research did).
+        context: K slices on each side as extra channels (2.5D input, C = 2K + 1).
+        liver_slices: per case, at most this many slices with foreground (liver for CT).
+        non_liver_slices: per case, at most this many slices without, next to the liver.
+        all_slices: keep every slice; None means the dataset default (CT no, MRI yes).
+        hu_window: CT window (lo, hi) in HU, applied by the reader.
+        percentiles: MRI clip percentiles (lo, hi), applied by the reader.
+        shard_mb: target shard size in MB (uncompressed record bytes).
+        gzip: GZIP-compress the shards.
+        workers: worker processes; None means the CPU count. 1 runs in-process.
+        overwrite: rebuild even if the folder holds a build.
+    """
+
+    source: str
+    dataset: str
+    out: str
+    phase: str = "artery"
+    seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.1
+    val_cases: tuple[str, ...] = ()
+    test_cases: tuple[str, ...] = ()
+    holdout: str = "random"
+    context: int = 0
+    liver_slices: int = 30
+    non_liver_slices: int = 20
+    all_slices: bool | None = None
+    hu_window: tuple[float, float] = (-200.0, 250.0)
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    shard_mb: float = 128.0
+    gzip: bool = False
+    workers: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        # canonical types, so equal settings hash equally whether they came from the CLI or code
+        for name, cast in (("hu_window", float), ("percentiles", float), ("val_cases", str), ("test_cases", str)):
+            object.__setattr__(self, name, tuple(cast(v) for v in getattr(self, name)))
+        object.__setattr__(self, "shard_mb", float(self.shard_mb))
+        _check(self.dataset in DATASETS, f"dataset in {tuple(DATASETS)}", "dataset", self.dataset)
+        _check(self.holdout in HOLDOUTS, f"holdout in {HOLDOUTS}", "holdout", self.holdout)
+        for name in ("val_fraction", "test_fraction"):
+            _check(0 <= getattr(self, name) < 1, f"0 <= {name} < 1", name, getattr(self, name))
+        _check(self.val_fraction + self.test_fraction < 1, "val_fraction + test_fraction < 1",
+               "val_fraction + test_fraction", self.val_fraction + self.test_fraction)
+        both = sorted(set(self.val_cases) & set(self.test_cases))
+        _check(not both, "no case in both val_cases and test_cases", "cases in both", both)
+        _check(self.shard_mb > 0, "shard_mb > 0", "shard_mb", self.shard_mb)
+        _check(self.workers is None or self.workers >= 1, "workers >= 1", "workers", self.workers)
+        _ = (self.norm, self.selection)  # validates the window, percentiles and slice counts
+
+    @property
+    def modality(self) -> str:
+        return DATASETS[self.dataset]
+
+    @property
+    def norm(self) -> NormSettings:
+        return NormSettings(self.modality, self.hu_window, self.percentiles)
+
+    @property
+    def selection(self) -> SelectionSettings:
+        all_slices = self.modality == "mri" if self.all_slices is None else self.all_slices
+        return SelectionSettings(self.liver_slices, self.non_liver_slices, all_slices, self.context)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    def settings_hash(self) -> str:
+        d = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY}
+        d["source"] = str(Path(self.source).resolve())
+        d["features"] = sorted(FEATURES)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _check(ok: bool, expected: str, name: str, value) -> None:
+    if not ok:
+        raise ValueError(f"Expected {expected}. Received: {name}={value!r}")
+
+
+def split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """How many of ``n`` usable cases go to val and test.
+
+    Each count is ``fraction * n`` rounded half up, but at least 1 when its fraction is
+    above 0, so every requested split gets a case; train must keep at least one case.
+
+    Raises:
+        BuildError: too few cases for the requested splits.
+    """
+    counts = [max(1, int(np.floor(f * n + 0.5))) if f > 0 else 0 for f in (val_fraction, test_fraction)]
+    if sum(counts) >= n:
+        raise BuildError(f"Expected more usable cases than the {sum(counts)} held out for val/test "
+                         f"(train needs one). Received: {n} usable cases")
+    return counts[0], counts[1]
+
+
+def assign_splits(case_ids: list[str], settings: BuildSettings) -> dict[str, list[str]]:
+    """Splits cases (in natural order) into train/val/test; each split keeps natural order.
+
+    Returns:
+        ``{split: [case_id, ...]}`` holding only non-empty splits.
+    """
+    if settings.val_cases or settings.test_cases:
+        for name, listed in (("val_cases", settings.val_cases), ("test_cases", settings.test_cases)):
+            unknown = sorted(set(listed) - set(case_ids))
+            _raise_if(unknown, f"Expected {name} to name usable cases. Received: {unknown} "
+                               f"(usable: {case_ids})")
+        held = set(settings.val_cases) | set(settings.test_cases)
+        assignment = {c: "val" if c in settings.val_cases else "test" if c in held else "train" for c in case_ids}
+    else:
+        n_val, n_test = split_counts(len(case_ids), settings.val_fraction, settings.test_fraction)
+        if settings.holdout == "last":
+            order = np.arange(len(case_ids))[::-1]
+        else:
+            order = np.random.default_rng(settings.seed).permutation(len(case_ids))
+        assignment = {c: "train" for c in case_ids}
+        for rank, i in enumerate(order[: n_test + n_val]):
+            assignment[case_ids[i]] = "test" if rank < n_test else "val"
+    splits = {s: [c for c in case_ids if assignment[c] == s] for s in SPLITS}
+    _raise_if(not splits["train"], f"Expected at least one train case. Received: all of {case_ids} held out")
+    return {s: cases for s, cases in splits.items() if cases}
+
+
+def _raise_if(condition, message: str) -> None:
+    if condition:
+        raise BuildError(message)
+
+
+def _map_cases(fn, tasks: list[tuple], workers: int):
+    """Yields ``fn(*task)`` in task order; at most ``workers + 1`` results are held at once."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield from (fn(*task) for task in tasks)
+        return
+    # spawn: the parent has TensorFlow loaded, which is not fork-safe
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
+                               mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.submit(fn, *task))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"{path}: unreadable ({exc}); use --overwrite to rebuild") from None
+
+
+def _changed(old: dict, new: dict) -> str:
+    keys = sorted(k for k in new if k not in RUN_ONLY and old.get(k) != new[k])
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys) or "source folder"
+
+
+def _finished_build(out: Path, settings: BuildSettings, log) -> dict | None:
+    """The existing manifest when the folder holds this very build; None to (re)build."""
+    path = out / MANIFEST_FILE
+    if not path.exists():
+        return None
+    if settings.overwrite:
+        path.unlink()
+        return None
+    manifest = _read_json(path)
+    if manifest.get("settings_hash") != settings.settings_hash():
+        raise BuildError(f"{out}: holds a finished build with different settings "
+                         f"({_changed(manifest.get('settings', {}), settings.to_dict())}); "
+                         f"use --overwrite to rebuild")
+    (out / STATE_FILE).unlink(missing_ok=True)
+    log(f"{out}: already built with these settings; nothing to do (use --overwrite to rebuild)")
+    return manifest
+
+
+def _load_state(out: Path, settings: BuildSettings, log) -> dict:
+    """The build state to resume from (a fresh one if none); removes stray and partial shards."""
+    out.mkdir(parents=True, exist_ok=True)
+    path, state = out / STATE_FILE, None
+    if path.exists() and not settings.overwrite:
+        state = _read_json(path)
+        if state.get("settings_hash") != settings.settings_hash():
+            raise BuildError(f"{out}: holds an unfinished build with different settings "
+                             f"({_changed(state.get('settings', {}), settings.to_dict())}); "
+                             f"use --overwrite to start over")
+    state = state or {"settings_hash": settings.settings_hash(), "completed": {}}
+    state["settings"] = settings.to_dict()
+    for split, entry in list(state["completed"].items()):
+        if not all((out / s["file"]).exists() for s in entry["shards"]):
+            del state["completed"][split]
+    keep = {s["file"] for entry in state["completed"].values() for s in entry["shards"]}
+    for p in out.iterdir():
+        if p.is_file() and (p.name.startswith(TEMP_PREFIX) or (SHARD_RE.match(p.name) and p.name not in keep)):
+            p.unlink()
+    if state["completed"]:
+        log(f"{out}: resuming; splits already written: {', '.join(state['completed'])}")
+    return state
+
+
+def _case_task(settings: BuildSettings, case_id: str, info: dict) -> CaseTask:
+    files = CaseFiles(case_id, Path(info["image"]), Path(info["label"]))
+    return CaseTask(files, settings.norm, settings.selection)
+
+
+def _ingest(settings: BuildSettings, workers: int, progress) -> dict:
+    """Validates every case, chooses slices and draws the splits."""
+    try:
+        found = find_dataset_cases(settings.source, settings.dataset, settings.phase)
+    except VolumeError as exc:
+        raise BuildError(str(exc)) from None
+    tasks = [(CaseTask(files, settings.norm, settings.selection),) for files in found]
+    cases, skipped = {}, []
+    for done, info in enumerate(_map_cases(inspect_case, tasks, workers), 1):
+        if "skip" in info:
+            skipped.append({"case_id": info["case_id"], "reason": info["skip"]})
+        else:
+            cases[info["case_id"]] = info
+        progress("validate", done, len(tasks), sum(len(c["slices"]) for c in cases.values()))
+    if not cases:
+        reasons = "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped)
+        raise BuildError(f"{settings.source}: no usable case left ({len(skipped)} skipped: {reasons})")
+    return {"cases": cases, "skipped": skipped, "splits": assign_splits(list(cases), settings)}
+
+
+def _write_split(settings: BuildSettings, state: dict, split: str, workers: int, progress) -> dict:
+    """Writes one split's shards; returns its manifest entry."""
+    case_ids = state["splits"][split]
+    infos = [state["cases"][c] for c in case_ids]
+    tasks = [(_case_task(settings, c, info), info["slices"]) for c, info in zip(case_ids, infos)]
+    writer = ShardWriter(settings.out, settings.dataset, split, int(settings.shard_mb * 1e6), settings.gzip)
+    written = 0
+    try:
+        for done, (case_id, info, data) in enumerate(
+                zip(case_ids, infos, _map_cases(extract_case, tasks, workers)), 1):
+            for j, index in enumerate(info["slices"]):
+                writer.write(slice_example(case_id, index, data["images"][j], data["labels"][j],
+                                           info["spacing"], info["norm_stats"], data["has_tumour"][j]))
+            written += len(info["slices"])
+            progress(f"write {split}", done, len(case_ids), written)
+        _raise_if(written == 0, f"{settings.out}: split {split!r} has zero examples")
+        shards = writer.finish()
+    except SkipCase as exc:
+        writer.abort()
+        raise BuildError(f"{case_id}: {exc} (the files changed during the build)") from None
+    except BaseException:
+        writer.abort()
+        raise
+    return {"cases": case_ids, "num_examples": written, "shards": shards}
+
+
+def _class_stats(state: dict, modality: str) -> dict:
+    stats = {}
+    for split, case_ids in state["splits"].items():
+        infos = [state["cases"][c] for c in case_ids]
+
+        def total(key):
+            return sum(i[key] for i in infos)
+
+        voxels = max(total("voxels"), 1)
+        fg = {"liver": total("foreground_voxels") / voxels, "tumour": total("tumour_voxels") / voxels}
+        stats[split] = {"num_slices": sum(len(i["slices"]) for i in infos),
+                        "tumour_slices": total("tumour_slices"),
+                        "foreground_fraction": {name: fg[name] for name in OUTPUTS[modality]}}
+    return stats
+
+
+def _manifest(settings: BuildSettings, state: dict) -> dict:
+    split_of = {c: s for s, cases in state["splits"].items() for c in cases}
+    keep = ("image", "label", "shape", "spacing", "norm_stats", "slices")
+    return {
+        "version": MANIFEST_VERSION,
+        "name": settings.dataset,
+        "modality": settings.modality,
+        "context": settings.context,
+        "channels": 2 * settings.context + 1,
+        "outputs": list(OUTPUTS[settings.modality]),
+        "compression": "GZIP" if settings.gzip else None,
+        "norm": settings.norm.to_dict(),
+        "settings": settings.to_dict(),
+        "settings_hash": settings.settings_hash(),
+        "splits": {s: state["completed"][s] for s in SPLITS if s in state["splits"]},
+        "cases": {c: {"split": split_of[c], **{k: info[k] for k in keep}} for c, info in state["cases"].items()},
+        "skipped": state["skipped"],
+        "class_stats": _class_stats(state, settings.modality),
+    }
+
+
+def build_records(settings: BuildSettings, progress=None, log=None) -> dict:
+    """Builds (or resumes, or confirms) the records folder ``settings.out``.
+
+    Args:
+        settings: the build settings.
+        progress: optional ``callable(stage, cases_done, cases_total, slices)``.
+        log: optional ``callable(message)`` for one-line notices (no-op, resume).
+
+    Returns:
+        The manifest (also written to ``out/manifest.json``).
+
+    Raises:
+        BuildError: no usable case, too few cases for the splits, or the folder holds a
+            different build and ``overwrite`` is off.
+    """
+    progress = progress or (lambda *a: None)
+    log = log or (lambda message: None)
+    out, workers = Path(settings.out), settings.workers or os.cpu_count() or 1
+    manifest = _finished_build(out, settings, log)
+    if manifest is not None:
+        return manifest
+    state = _load_state(out, settings, log)
+    if "cases" not in state:
+        state.update(_ingest(settings, workers, progress))
+        write_json(out / STATE_FILE, state)
+    for split in state["splits"]:
+        if split not in state["completed"]:
+            state["completed"][split] = _write_split(settings, state, split, workers, progress)
+            write_json(out / STATE_FILE, state)
+    manifest = _manifest(settings, state)
+    write_json(out / MANIFEST_FILE, manifest)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return manifest

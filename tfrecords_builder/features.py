@@ -1,0 +1,147 @@
+"""The TFRecord feature spec, declared once: the writer and the tf.data reader both build on it.
+
+One example is one axial slice in canonical RAS+ voxel order (``data[:, :, k]``), so the
+image height H runs along the canonical x axis and the width W along y. The image holds
+raw intensities (HU for CT, scanner units for MRI); the reader normalises them with the
+case's ``image/norm_stats`` (see ``kerasunet.preprocessing``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One entry of the spec.
+
+    Attributes:
+        kind: "bytes", "int" or "float".
+        length: 0 for a scalar, n for a fixed-length vector.
+        doc: what the value holds.
+    """
+
+    kind: str
+    length: int
+    doc: str
+
+
+FEATURES = {
+    "image/encoded": Feature("bytes", 0, "raw little-endian float32 bytes of the H x W x C slice stack"),
+    "image/height": Feature("int", 0, "H (canonical x)"),
+    "image/width": Feature("int", 0, "W (canonical y)"),
+    "image/channels": Feature("int", 0, "C = 2 * context + 1; the centre channel is the labelled slice"),
+    "image/segmentation/class/encoded": Feature("bytes", 0, "raw uint8 label map H x W of the centre slice"),
+    "image/source_id": Feature("bytes", 0, "stable key <case_id>/<slice_index>"),
+    "image/case_id": Feature("bytes", 0, "case id"),
+    "image/slice_index": Feature("int", 0, "axial slice index in canonical order"),
+    "image/spacing": Feature("float", 3, "voxel size in mm, canonical axis order"),
+    "image/norm_stats": Feature("float", 4, "the case's [lo, hi, mean, std] (preprocessing.case_stats)"),
+    "image/has_tumour": Feature("int", 0, "1 if the centre slice contains tumour (for oversampling)"),
+}
+
+_TF_DTYPES = {"bytes": tf.string, "int": tf.int64, "float": tf.float32}
+
+
+def example_key(case_id: str, slice_index: int) -> str:
+    """The stable key of a slice: ``<case_id>/<slice_index>``."""
+    return f"{case_id}/{int(slice_index)}"
+
+
+def _to_feature(key: str, spec: Feature, value) -> tf.train.Feature:
+    if spec.kind == "bytes":
+        data = value if isinstance(value, bytes) else str(value).encode()
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
+    values = np.atleast_1d(np.asarray(value)).ravel()
+    if len(values) != max(spec.length, 1):
+        raise ValueError(f"Expected {max(spec.length, 1)} value(s) for {key!r}. Received: {key}={value!r}")
+    if spec.kind == "int":
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+
+
+def serialize_example(values: dict) -> bytes:
+    """Serialises one example; ``values`` must hold exactly the keys of :data:`FEATURES`."""
+    if set(values) != set(FEATURES):
+        raise ValueError(f"Expected the keys {sorted(FEATURES)}. Received: keys={sorted(values)}")
+    feature = {key: _to_feature(key, spec, values[key]) for key, spec in FEATURES.items()}
+    # deterministic: map fields in key order, so a rebuild gives byte-identical shards
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+
+
+def slice_example(case_id: str, slice_index: int, image: np.ndarray, label: np.ndarray,
+                  spacing, norm_stats, has_tumour: bool) -> bytes:
+    """Serialises one slice.
+
+    Args:
+        case_id: the case the slice comes from.
+        slice_index: its axial index in canonical order.
+        image: raw intensities, ``(H, W, C)``.
+        label: label map of the centre slice, ``(H, W)``, values fit in uint8.
+        spacing: voxel size in mm (3 values).
+        norm_stats: the case's ``[lo, hi, mean, std]``.
+        has_tumour: whether the centre slice contains tumour.
+    """
+    if image.ndim != 3 or label.shape != image.shape[:2]:
+        raise ValueError(f"Expected image (H, W, C) and label (H, W). "
+                         f"Received: image.shape={image.shape}, label.shape={label.shape}")
+    height, width, channels = image.shape
+    return serialize_example({
+        "image/encoded": np.ascontiguousarray(image, dtype="<f4").tobytes(),
+        "image/height": height,
+        "image/width": width,
+        "image/channels": channels,
+        "image/segmentation/class/encoded": np.ascontiguousarray(label, dtype=np.uint8).tobytes(),
+        "image/source_id": example_key(case_id, slice_index),
+        "image/case_id": case_id,
+        "image/slice_index": slice_index,
+        "image/spacing": spacing,
+        "image/norm_stats": norm_stats,
+        "image/has_tumour": int(bool(has_tumour)),
+    })
+
+
+PARSE_SPEC = {
+    key: tf.io.FixedLenFeature([spec.length] if spec.length else [], _TF_DTYPES[spec.kind])
+    for key, spec in FEATURES.items()
+}
+
+
+def parse_example(serialized):
+    """Parses one serialised example into a dict of tensors keyed like :data:`FEATURES`."""
+    return tf.io.parse_single_example(serialized, PARSE_SPEC)
+
+
+def decode_example(parsed: dict, channels: int | None = None) -> dict:
+    """Decodes the raw bytes of a parsed example (the decoder; no resizing or augmentation).
+
+    Args:
+        parsed: the output of :func:`parse_example`.
+        channels: the channel count, when known, to give the image a static last dimension.
+
+    Returns:
+        ``image`` float32 ``(H, W, C)`` raw intensities, ``label`` uint8 ``(H, W)``,
+        ``norm_stats`` float32 ``(4,)``, ``has_tumour`` bool, ``spacing``, ``source_id``,
+        ``case_id`` and ``slice_index``.
+    """
+    height = tf.cast(parsed["image/height"], tf.int32)
+    width = tf.cast(parsed["image/width"], tf.int32)
+    image = tf.reshape(tf.io.decode_raw(parsed["image/encoded"], tf.float32),
+                       [height, width, tf.cast(parsed["image/channels"], tf.int32)])
+    if channels is not None:
+        image = tf.ensure_shape(image, [None, None, channels])
+    label = tf.reshape(tf.io.decode_raw(parsed["image/segmentation/class/encoded"], tf.uint8),
+                       [height, width])
+    return {
+        "image": image,
+        "label": label,
+        "norm_stats": parsed["image/norm_stats"],
+        "has_tumour": parsed["image/has_tumour"] > 0,
+        "spacing": parsed["image/spacing"],
+        "source_id": parsed["image/source_id"],
+        "case_id": parsed["image/case_id"],
+        "slice_index": parsed["image/slice_index"],
+    }
