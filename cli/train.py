@@ -1,0 +1,67 @@
+"""``kerasunet train``: parses options into :class:`kerasunet.train.TrainSettings` and trains."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import click
+
+from kerasunet.train import LOSSES, MODES, PRECISIONS, SCHEDULES, TrainSettings
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+
+
+def _parse_size(ctx, param, value):
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+)[xX](\d+)", value.strip())
+    if match is None:
+        raise click.BadParameter(f"expected HxW, e.g. 256x256. Received: {value!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _option(*decls, name: str, **kwargs):
+    """A click option whose default is the TrainSettings field's default."""
+    return click.option(*decls, default=_DEFAULTS[name], show_default=True, **kwargs)
+
+
+@click.command("train")
+@click.option("--records", required=True, type=click.Path(file_okay=False),
+              help="Records folder (build-records).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder; must be empty or absent unless --resume.")
+@_option("--mode", name="mode", type=click.Choice(MODES), help="Transfer mode.")
+@_option("--pretrained", name="pretrained", help="Run folder or .keras file for --mode init|freeze.")
+@_option("--epochs", name="epochs", type=click.IntRange(min=1), help="Total epochs.")
+@_option("--batch-size", name="batch_size", type=click.IntRange(min=1), help="Global batch size.")
+@_option("--lr", name="lr", type=float, help="Adam learning rate (research: 1e-4 CT, 5e-4 MRI).")
+@_option("--loss", name="loss", type=click.Choice(LOSSES), help="Training loss.")
+@_option("--filters", name="filters", type=click.IntRange(min=1), help="Channels of the first level.")
+@_option("--depth", name="depth", type=click.IntRange(min=1), help="Pooling steps of the U-Net.")
+@_option("--dropout", name="dropout", type=float, help="Dropout before each decoder conv.")
+@_option("--image-size", name="image_size", callback=_parse_size,
+         help="HxW to resize to (multiples of 2**depth); default pads the records' size.")
+@_option("--freeze-blocks", name="freeze_blocks", type=click.IntRange(min=0),
+         help="Encoder blocks frozen in freeze mode.")
+@_option("--schedule", name="schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule.")
+@_option("--mixed-precision", name="mixed_precision", type=click.Choice(PRECISIONS),
+         help="mixed_float16: auto = when a GPU is visible (slow on CPU).")
+@_option("--augment/--no-augment", name="augment", help="Augment training slices.")
+@_option("--oversample-tumour", name="oversample_tumour", type=float,
+         help="Share of training slices drawn from slices with tumour.")
+@_option("--steps-per-epoch", name="steps_per_epoch", type=click.IntRange(min=1),
+         help="Training steps per epoch [default: one pass over the train split].")
+@_option("--seed", name="seed", type=int, help="Random seed.")
+@_option("--resume", name="resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+def train(**options):
+    """Train a U-Net on a records folder and write a run folder (see kerasunet.runs)."""
+    from kerasunet.distribute import DistributeError
+    from kerasunet.train import TrainError
+    from kerasunet.train import train as run_training
+
+    try:
+        run_dir = run_training(TrainSettings(**options), progress=click.echo)
+    except (TrainError, DistributeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {run_dir}")

@@ -1,0 +1,91 @@
+"""``kerasunet train`` on the command line: one-line errors without tracebacks, NaN exit code."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+
+
+@pytest.fixture(scope="module")
+def records(tiny_phantoms, tmp_path_factory):
+    from tfrecords_builder.build import BuildSettings, build_records
+
+    out = tmp_path_factory.mktemp("records") / "mri"
+    build_records(BuildSettings(source=str(tiny_phantoms / "mri"), dataset="mri", out=str(out),
+                                val_fraction=0.2, test_fraction=0.0, workers=1))
+    return out
+
+
+TINY = ["--filters", "4", "--depth", "2", "--batch-size", "4", "--no-augment", "--mixed-precision", "off"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["train", *map(str, args)])
+
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: {message}\n"
+    assert "Traceback" not in result.output
+
+
+def test_init_without_pretrained(tmp_path):
+    result = run("--records", tmp_path, "--out", tmp_path / "run", "--mode", "init")
+    assert_one_line_error(result, "--mode init needs --pretrained (a CT run folder or .keras file)")
+
+
+def test_mismatched_pretrained(records, tmp_path):
+    from kerasunet.model import build_unet
+
+    build_unet((None, None, 3), 2, filters=4, depth=2).save(tmp_path / "ct.keras")
+    result = run("--records", records, "--out", tmp_path / "run", "--mode", "freeze",
+                 "--pretrained", tmp_path / "ct.keras", *TINY)
+    assert result.exit_code == 1
+    last = result.output.splitlines()[-1]
+    assert last.startswith(f"Error: {tmp_path / 'ct.keras'}: architecture does not match the new model; "
+                           "first mismatching layer 'encoder_1_conv_a'")
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # nothing written: the same --out works once fixed
+
+
+def test_records_without_train_split(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"modality": "mri", "splits": {"test": {"num_examples": 4}}}))
+    result = run("--records", tmp_path, "--out", tmp_path / "run")
+    assert_one_line_error(result, f"{tmp_path}: no train split (0 training examples in manifest.json)")
+
+
+def test_records_without_manifest(tmp_path):
+    result = run("--records", tmp_path, "--out", tmp_path / "run")
+    assert_one_line_error(result, f"{tmp_path}: no manifest.json; build records with `kerasunet build-records` first")
+
+
+@pytest.mark.parametrize("size, message", [
+    ("32x30", "Expected image_size height and width multiples of 2**depth=4. Received: image_size=(32, 30)"),
+])
+def test_image_size_must_fit_depth(tmp_path, size, message):
+    assert_one_line_error(run("--records", tmp_path, "--out", tmp_path / "run", "--image-size", size, *TINY), message)
+
+
+def test_image_size_format(tmp_path):
+    result = run("--records", tmp_path, "--out", tmp_path / "run", "--image-size", "big")
+    assert result.exit_code == 2 and "expected HxW, e.g. 256x256. Received: 'big'" in result.output
+
+
+def test_trains_then_refuses_the_same_folder_and_stops_on_nan(records, tmp_path):
+    out = tmp_path / "run"
+    result = run("--records", records, "--out", out, "--epochs", 1, "--steps-per-epoch", 2, *TINY)
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1 step 2/2 loss " in result.output and result.output.endswith(f"wrote {out}\n")
+    assert (out / "best.keras").is_file() and (out / "history.csv").is_file()
+    again = run("--records", records, "--out", out, *TINY)
+    assert_one_line_error(again, f"{out}: exists and is not empty; pass --resume to continue its run "
+                                 "or choose a new --out")
+    nan = run("--records", records, "--out", tmp_path / "nan", "--lr", "1e30", "--epochs", 2,
+              "--steps-per-epoch", 4, *TINY)
+    assert nan.exit_code == 1, nan.output
+    last = nan.output.splitlines()[-1]
+    assert last.startswith("Error: loss became NaN at epoch 1 step ") or last.startswith("Error: loss became Inf")
+    assert last.endswith("; no checkpoint was written (no epoch had finished)")
+    assert "Traceback" not in nan.output
