@@ -1,0 +1,122 @@
+"""Training-step throughput of the kerasunet U-Net, in slices per second (not a test).
+
+For each configuration (256×256 with filters 32, 128×128 with filters 16; batch 16)
+it times ``model.fit`` on CPU twice:
+
+* fed from in-memory tensors (numpy arrays), the bare model's speed;
+* fed from the records reader ``kerasunet.data.get_dataset`` on ``kerasunet.synth``
+  CT phantoms built into records in a temporary folder by ``tfrecords_builder``,
+
+and prints the ratio records / memory. The reader must not slow training by more
+than 5% (ratio >= 0.95). Epoch 1 (tracing) is not timed; the slices/s is that of
+the fastest later epoch. Reference on this machine's 2 cores: plain Keras about 27
+slices/s at 128×128, batch 16, filters 16.
+
+Usage::
+
+    python benchmarks/train_step.py            # 3 timed epochs of 10 steps per run
+    python benchmarks/train_step.py --quick    # 2 timed epochs of 4 steps per run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: tfrecords_builder too
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kerasunet.labels import OUTPUTS  # noqa: E402
+from kerasunet.losses import get_loss  # noqa: E402
+from kerasunet.model import build_unet  # noqa: E402
+
+CONFIGS = {"256": (256, 32), "128": (128, 16)}  # size: (height = width, filters)
+DEPTH = 4
+NAMES = OUTPUTS["ct"]
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall-clock seconds of each epoch."""
+
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def compiled_model(size: int, filters: int):
+    keras.utils.set_random_seed(0)
+    model = build_unet((size, size, 1), len(NAMES), filters=filters, depth=DEPTH)
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=get_loss("bce_dice", NAMES))
+    return model
+
+
+def slices_per_second(fit_data: dict, size: int, filters: int, batch: int, steps: int, epochs: int) -> float:
+    """Fits ``1 + epochs`` epochs of ``steps`` steps each and returns the fastest timed epoch.
+
+    The first epoch (tracing, shuffle buffer filling) is not timed. The fastest epoch
+    is the one least disturbed by other processes on a shared machine.
+    """
+    model, timer = compiled_model(size, filters), EpochTimer()
+    model.fit(**fit_data, epochs=1 + epochs, callbacks=[timer], verbose=0)
+    return batch * steps / min(timer.seconds[1:])
+
+
+def in_memory(size: int, batch: int, steps: int) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch * steps, size, size, 1), dtype=np.float32)
+    y = (rng.random((batch * steps, size, size, len(NAMES))) > 0.9).astype(np.float32)
+    return {"x": x, "y": y, "batch_size": batch, "shuffle": True}
+
+
+def from_records(tmp: Path, size: int, batch: int, steps: int) -> dict:
+    from kerasunet.data import get_dataset
+    from kerasunet.synth import synth_lits
+    from tfrecords_builder.build import BuildSettings, build_records
+
+    synth_lits(tmp / "lits", n_cases=3, size=size, slices=(2 * batch, 2 * batch))
+    settings = BuildSettings(source=str(tmp / "lits"), dataset="lits", out=str(tmp / "records"),
+                             all_slices=True, val_fraction=0.0, test_fraction=0.0, workers=1)
+    build_records(settings)
+    dataset = get_dataset(settings.out, "train", batch, training=True, repeat=True, seed=0)
+    return {"x": dataset, "steps_per_epoch": steps, "shuffle": False}  # the reader shuffles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 timed epochs of 4 steps per run")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["256", "128"])
+    parser.add_argument("--no-records", action="store_true", help="skip the records-reader runs")
+    args = parser.parse_args()
+    steps, epochs = (4, 2) if args.quick else (10, 3)
+    batch = args.batch_size
+    print(f"keras {keras.__version__} backend={keras.backend.backend()} policy="
+          f"{keras.mixed_precision.global_policy().name} batch={batch} steps/epoch={steps} timed epochs={epochs}")
+    for key in args.configs:
+        size, filters = CONFIGS[key]
+        memory = slices_per_second(in_memory(size, batch, steps), size, filters, batch, steps, epochs)
+        line = f"{size}x{size} filters={filters}: in-memory {memory:6.1f} slices/s"
+        if not args.no_records:
+            with tempfile.TemporaryDirectory() as tmp:
+                records = slices_per_second(from_records(Path(tmp), size, batch, steps), size, filters, batch, steps,
+                                            epochs)
+            ratio = records / memory
+            verdict = "ok" if ratio >= 0.95 else "SLOWER than 5% budget"
+            line += f" | records {records:6.1f} slices/s | ratio {ratio:.3f} ({verdict})"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
