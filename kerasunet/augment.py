@@ -19,6 +19,10 @@ import tensorflow as tf
 class AugmentSettings:
     """Augmentation settings; each ``*_prob`` is the chance a transform is applied.
 
+    Flips and 90-degree rotations are off by default: in axial abdominal slices they move the
+    liver to the patient's left, where the spleen (whose intensity overlaps the liver's) lies,
+    so they remove the position cue the network needs. Small rotations and scaling keep it.
+
     Attributes:
         flip_prob: chance of each flip (up-down, left-right).
         rot90: random multiples of 90 degrees (only 180 on non-square images).
@@ -35,9 +39,9 @@ class AugmentSettings:
         intensity_prob: chance of each intensity transform.
     """
 
-    flip_prob: float = 0.5
-    rot90: bool = True
-    affine_prob: float = 0.3
+    flip_prob: float = 0.0
+    rot90: bool = False
+    affine_prob: float = 0.5
     rotation_deg: float = 15.0
     scale_range: tuple[float, float] = (0.85, 1.15)
     elastic_prob: float = 0.0

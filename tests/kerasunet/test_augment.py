@@ -5,6 +5,7 @@ import tensorflow as tf
 from kerasunet.augment import AugmentSettings, augment
 
 NO_INTENSITY = dict(intensity_prob=0.0)
+FLIPS = dict(flip_prob=0.5, rot90=True)
 
 
 def blob_image(shape):
@@ -25,7 +26,7 @@ def run(settings, shape, seed):
 @pytest.mark.parametrize("shape", [(16, 16, 1), (16, 12, 3), (15, 9, 1)])
 @pytest.mark.parametrize("seed", range(6))
 def test_flips_and_rot90_move_image_and_mask_together(shape, seed):
-    settings = AugmentSettings(affine_prob=0.0, **NO_INTENSITY)
+    settings = AugmentSettings(affine_prob=0.0, **FLIPS, **NO_INTENSITY)
     image, target, x, y = run(settings, shape, seed)
     assert x.shape == image.shape and y.shape == target.shape
     np.testing.assert_array_equal(y, (x[..., :1] > 0).astype(np.float32))
@@ -33,7 +34,7 @@ def test_flips_and_rot90_move_image_and_mask_together(shape, seed):
 
 
 def test_geometry_is_applied_for_some_seeds():
-    settings = AugmentSettings(affine_prob=0.0, **NO_INTENSITY)
+    settings = AugmentSettings(affine_prob=0.0, **FLIPS, **NO_INTENSITY)
     changed = [not np.array_equal(run(settings, (16, 16, 1), s)[2], blob_image((16, 16, 1))[0]) for s in range(6)]
     assert any(changed)
 
@@ -63,3 +64,11 @@ def test_intensity_changes_image_only_and_seed_is_reproducible():
 def test_invalid_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         AugmentSettings(**kw)
+
+
+def test_defaults_keep_left_and_right():
+    # Liver (patient's right) and spleen (left) overlap in intensity: no flips by default.
+    settings = AugmentSettings(affine_prob=0.0, **NO_INTENSITY)
+    for seed in range(6):
+        image, _, x, _ = run(settings, (16, 16, 1), seed)
+        np.testing.assert_array_equal(x, image)
