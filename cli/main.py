@@ -7,35 +7,37 @@ import os
 
 import click
 
-# (module, command attribute): imported lazily so `kerasunet --help` stays fast and a
-# command is listed only once its module exists.
+# (module, command attribute, one-line help). Command modules import TensorFlow only inside
+# their functions, so `kerasunet --help` stays fast.
 COMMANDS = [
-    ("cli.synth", "synth"),
-    ("cli.records", "build_records"),
-    ("cli.records", "inspect_records"),
-    ("cli.train", "train"),
-    ("cli.predict", "predict"),
-    ("cli.evaluate", "evaluate"),
-    ("cli.export", "export"),
-    ("cli.experiment", "experiment"),
+    ("cli.synth", "synth", "Write phantom CT (LiTS) and MRI (FZMC) data sets."),
+    ("cli.records", "build_records", "Validate NIfTI cases, write sharded TFRecords + manifest."),
+    ("cli.records", "inspect_records", "Summarise a records folder and verify its checksums."),
+    ("cli.train", "train", "Train a U-Net: scratch, init or freeze (CT->MRI transfer)."),
+    ("cli.predict", "predict", "Segment volumes into NIfTI masks (local or TF Serving)."),
+    ("cli.evaluate", "evaluate", "LiTS metrics, report and overlays on held-out cases."),
+    ("cli.export", "export", "Write a versioned SavedModel for TF Serving."),
+    ("cli.experiment", "experiment", "Run the CT->MRI transfer experiment end to end."),
 ]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kerasunet")
 def main():
     """Liver and liver-tumour segmentation in CT and MRI (Keras 3 U-Net, CT->MRI transfer)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-for _module, _attr in COMMANDS:
+for _module, _attr, _short_help in COMMANDS:
     try:
         _mod = importlib.import_module(_module)
     except ModuleNotFoundError as _exc:
         if _exc.name != _module:
             raise
         continue
-    main.add_command(getattr(_mod, _attr))
+    _command = getattr(_mod, _attr)
+    _command.short_help = _short_help  # one line each in `kerasunet --help`
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import csv
 import math
 from pathlib import Path
 
-from kerasunet.atomic import atomic_path
+from kerasunet.figures import save_figure
 
 
 def read_history(path: str | Path) -> list[dict]:
@@ -99,12 +99,7 @@ def plot_learning_curves(histories: dict, path: str | Path, title: str | None = 
         ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_label(ax, runs: list, name: str, label: str, color: str) -> None:

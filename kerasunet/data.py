@@ -265,7 +265,7 @@ def save_example_grid(examples: list[dict], modality: str, path: str | Path, col
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kerasunet.atomic import atomic_path
+    from kerasunet.figures import save_figure
     from kerasunet.labels import OUTPUTS
 
     rows = -(-len(examples) // columns)
@@ -281,9 +281,4 @@ def save_example_grid(examples: list[dict], modality: str, path: str | Path, col
             overlay[..., 3] = 0.4 * target[..., channel]
             ax.imshow(overlay)
         ax.set_title(ex["key"], fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)

@@ -22,6 +22,18 @@ LABEL_NAMES = {"ct": {1: "liver", 2: "tumour"}, "mri": {1: "tumour"}}
 ALPHA = 0.45
 
 
+def save_figure(fig, path, dpi: int = 100) -> Path:
+    """Lays out ``fig``, writes it as a PNG atomically, closes it and returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
 def display(slice_2d: np.ndarray) -> np.ndarray:
     """Canonical ``(x, y)`` slice -> radiological display array (rows: anterior->posterior,
     columns: patient right->left)."""
@@ -83,9 +95,4 @@ def overlay_figure(image_slice: np.ndarray, truth_slice: np.ndarray, predictions
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -14,13 +14,17 @@ from keras import ops
 from kerasunet.labels import OUTPUTS
 
 LOSSES = ("bce", "dice", "bce_dice", "focal", "masked")
-EPSILON = 1e-7
+# Floor inside the logs. Keras's usual clip at 1e-7 zeroes the gradient of every pixel whose
+# sigmoid is below it, so a model that starts saturated (e.g. frozen BatchNorm layers running
+# CT statistics on MRI inputs, transfer mode "freeze") never moves. float32 holds sigmoid(z)
+# down to z ≈ -87, and the chain rule through log and sigmoid stays finite there.
+TINY = 1e-30
 
 
 def pixel_bce(y_true, y_pred):
     """Binary cross-entropy per pixel and channel, ``[B, H, W, N]``."""
-    y_pred = ops.clip(y_pred, EPSILON, 1.0 - EPSILON)
-    return -(y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))
+    return -(y_true * ops.log(ops.maximum(y_pred, TINY))
+             + (1.0 - y_true) * ops.log(ops.maximum(1.0 - y_pred, TINY)))
 
 
 def soft_dice_loss(y_true, y_pred, smooth: float):
