@@ -10,7 +10,7 @@ import click
 # (module, command attribute, one-line help). Command modules import TensorFlow only inside
 # their functions, so `kerasunet --help` stays fast.
 COMMANDS = [
-    ("cli.synth", "synth", "Write phantom CT (LiTS) and MRI (FZMC) data sets."),
+    ("cli.synth", "synth", "Write CT (LiTS) and MRI (FZMC) phantoms in real layouts."),
     ("cli.records", "build_records", "Validate NIfTI cases, write sharded TFRecords + manifest."),
     ("cli.records", "inspect_records", "Summarise a records folder and verify its checksums."),
     ("cli.train", "train", "Train a U-Net: scratch, init or freeze (CT->MRI transfer)."),
