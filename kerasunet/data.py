@@ -23,7 +23,7 @@ import tensorflow as tf
 from kerasunet.labels import VALID_LABELS, targets_from_labels_np
 from kerasunet.preprocessing import normalize
 from tfrecords_builder.build import MANIFEST_FILE
-from tfrecords_builder.features import decode_example, parse_example
+from tfrecords_builder.features import decode_example, parse_example, parse_examples
 from tfrecords_builder.writer import file_sha256
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -90,12 +90,14 @@ def _oversample(parsed, fraction: float, seed, repeat: bool):
 
 
 def _pad_to_multiple(image, target, stats, multiple: int):
-    shape = tf.shape(image)
-    pad_h = (-shape[0]) % multiple
-    pad_w = (-shape[1]) % multiple
-    floor = (stats[0] - stats[2]) / stats[3]
-    image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=floor)
-    return image, tf.pad(target, [[0, pad_h], [0, pad_w], [0, 0]])
+    """Pads bottom/right to a multiple; one example ``(H, W, C)`` or a batch ``(B, H, W, C)``."""
+    shape, rank = tf.shape(image), image.shape.rank
+    pad_h = (-shape[-3]) % multiple
+    pad_w = (-shape[-2]) % multiple
+    floor = (stats[..., 0] - stats[..., 2]) / stats[..., 3]  # the normalised clip floor, per example
+    floor = tf.reshape(floor, tf.concat([tf.shape(floor), [1, 1, 1]], 0))
+    paddings = [[0, 0]] * (rank - 3) + [[0, pad_h], [0, pad_w], [0, 0]]
+    return tf.pad(image - floor, paddings) + floor, tf.pad(target, paddings)
 
 
 def _static_hw(manifest: dict, split: str, image_size, pad_to_multiple):
@@ -160,6 +162,21 @@ def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, ima
         raise ValueError(f"Expected pad_to_multiple >= 1. Received: pad_to_multiple={pad_to_multiple}")
     manifest = read_manifest(records_dir)
     files = split_files(records_dir, manifest, split)
+    drop = training if drop_remainder is None else drop_remainder
+    height, width = _static_hw(manifest, split, image_size, pad_to_multiple)
+    per_example = training and (augment is not None or oversample_tumour > 0)
+    if not per_example and _static_hw(manifest, split, None, None) != (None, None):
+        # Fast path: shuffle and batch the serialised records, then parse, decode and
+        # normalise whole batches (one op per batch instead of per slice).
+        ds = _records(files, manifest, training, seed)
+        if training:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        ds = ds.batch(batch_size, drop_remainder=drop)
+        fn = _example_fn(manifest, image_size, pad_to_multiple)
+        ds = ds.map(lambda s: fn(parse_examples(s)), num_parallel_calls=AUTOTUNE, deterministic=not training)
+        return _with_static_shape(ds, manifest, batch_size if drop else None, height, width)
     parsed = _records(files, manifest, training, seed).map(parse_example, num_parallel_calls=AUTOTUNE,
                                                            deterministic=not training)
     if training and oversample_tumour > 0:
@@ -174,12 +191,13 @@ def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, ima
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat and not (training and oversample_tumour > 0):
         ds = ds.repeat()
-    drop = training if drop_remainder is None else drop_remainder
     ds = ds.batch(batch_size, drop_remainder=drop, num_parallel_calls=AUTOTUNE,
                   deterministic=not training)
-    height, width = _static_hw(manifest, split, image_size, pad_to_multiple)
+    return _with_static_shape(ds, manifest, batch_size if drop else None, height, width)
+
+
+def _with_static_shape(ds, manifest: dict, batch, height, width):
     outputs = len(manifest["outputs"])
-    batch = batch_size if drop else None
     ds = ds.map(lambda x, y: (tf.ensure_shape(x, [batch, height, width, manifest["channels"]]),
                               tf.ensure_shape(y, [batch, height, width, outputs])))
     return ds.prefetch(AUTOTUNE)
