@@ -18,7 +18,7 @@ import click
 
 LIVER_DICE_TARGET = 0.90
 TUMOUR_MARGIN = 0.10  # "clearly above" the all-background baseline
-CT_CASES, MRI_CASES, CT_SIZE, CT_SLICES, MRI_SHAPE = 20, 16, 64, (24, 40), (64, 56, 24)
+CT_CASES, MRI_CASES, CT_SIZE, CT_SLICES, MRI_SHAPE = 32, 16, 64, (24, 40), (64, 56, 24)
 
 
 def best_mri_run(out: Path) -> tuple[str, Path, float]:

@@ -130,18 +130,27 @@ def resize(batch: np.ndarray, size) -> np.ndarray:
                       dtype=np.float32)
 
 
-def model_probabilities(model, batch: np.ndarray, tta: bool) -> np.ndarray:
+def model_probabilities(model, batch: np.ndarray, tta: bool, batch_size: int) -> np.ndarray:
     """Sigmoid outputs of ``model`` for one batch, float32; averaged over flips with ``tta``."""
     if not tta:
-        return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+        return _predict_full_batch(model, batch, batch_size)
     total = None
     for flip_h, flip_w in TTA_FLIPS:
         axes = tuple(a for a, flip in ((1, flip_h), (2, flip_w)) if flip)
         x = np.flip(batch, axes) if axes else batch
-        out = np.asarray(model.predict_on_batch(np.ascontiguousarray(x)), dtype=np.float32)
+        out = _predict_full_batch(model, np.ascontiguousarray(x), batch_size)
         out = np.flip(out, axes) if axes else out
         total = out if total is None else total + out
     return total / len(TTA_FLIPS)
+
+
+def _predict_full_batch(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    # A short last batch is padded to ``batch_size`` (repeating its last slice), so the model
+    # is traced once per image size rather than again for every volume's remainder.
+    n = len(x)
+    if n < batch_size:
+        x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
+    return np.asarray(model.predict_on_batch(x), dtype=np.float32)[:n]
 
 
 def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettings = PredictSettings()
@@ -171,7 +180,7 @@ def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettin
         batch = slice_batch(slices, indices, info.context, padded, background)
         if resize_to:
             batch = resize(batch, resize_to)
-        out = model_probabilities(model, batch, settings.tta)
+        out = model_probabilities(model, batch, settings.tta, settings.batch_size)
         probs[indices] = resize(out, (height, width)) if resize_to else out[:, :height, :width, :]
     probs = np.moveaxis(probs, 0, 2)
     labels = labels_from_probabilities_np(probs, info.modality, settings.threshold)
