@@ -40,3 +40,24 @@ def tiny_phantoms(tmp_path_factory):
     synth_lits(root / "lits", 6, size=64, slices=(12, 24), seed=0, compress={3})
     synth_mri(root / "mri", 6, shape=(48, 40, 12), seed=0, compress={4})
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_records(tiny_phantoms, tmp_path_factory):
+    """``tiny_records("lits" | "mri") -> Path``: records of ``tiny_phantoms``, built once per dataset.
+
+    Splits: 20% validation, no test split, seed 0. Read-only by convention.
+    """
+    from tfrecords_builder.build import BuildSettings, build_records
+
+    built = {}
+
+    def build(dataset: str):
+        if dataset not in built:
+            out = tmp_path_factory.mktemp("records") / dataset
+            build_records(BuildSettings(source=str(tiny_phantoms / dataset), dataset=dataset, out=str(out),
+                                        val_fraction=0.2, test_fraction=0.0, workers=1))
+            built[dataset] = out
+        return built[dataset]
+
+    return build

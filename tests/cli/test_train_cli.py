@@ -9,13 +9,8 @@ from cli.main import main
 
 
 @pytest.fixture(scope="module")
-def records(tiny_phantoms, tmp_path_factory):
-    from tfrecords_builder.build import BuildSettings, build_records
-
-    out = tmp_path_factory.mktemp("records") / "mri"
-    build_records(BuildSettings(source=str(tiny_phantoms / "mri"), dataset="mri", out=str(out),
-                                val_fraction=0.2, test_fraction=0.0, workers=1))
-    return out
+def records(tiny_records):
+    return tiny_records("mri")
 
 
 TINY = ["--filters", "4", "--depth", "2", "--batch-size", "4", "--no-augment", "--mixed-precision", "off"]

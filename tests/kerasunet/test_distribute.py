@@ -34,13 +34,8 @@ json.dump([h["loss"] for h in fit_result.history], open(result + ".json", "w"))
 
 
 @pytest.fixture(scope="module")
-def records(tiny_phantoms, tmp_path_factory):
-    from tfrecords_builder.build import BuildSettings, build_records
-
-    out = tmp_path_factory.mktemp("records") / "lits"
-    build_records(BuildSettings(source=str(tiny_phantoms / "lits"), dataset="lits", out=str(out),
-                                val_fraction=0.2, test_fraction=0.0, workers=1))
-    return out
+def records(tiny_records):
+    return tiny_records("lits")
 
 
 def env_for(**extra):
