@@ -21,7 +21,6 @@ skipped with a reason. Every model segments the same cases through
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from kerasunet.atomic import atomic_path, write_json
+from kerasunet.atomic import atomic_path, write_csv, write_json
 from kerasunet.figures import overlay_figure, pick_slice
 from kerasunet.lits_metrics import METRICS, case_metrics, summarize_structure
 from kerasunet.nifti import CaseFiles, VolumeError, find_cases, load_volume
@@ -184,7 +183,8 @@ def evaluate(models: dict[str, str | Path], data, out_dir, settings: EvaluateSet
         "baselines": {BASELINE: summarize[BASELINE]},
         "overlays": [str(p.relative_to(out_dir)) for p in scores.overlays],
     })
-    write_csv(out_dir / "metrics.csv", scores.rows)
+    write_csv(out_dir / "metrics.csv", [{k: "" if isinstance(v, float) and not math.isfinite(v) else v
+                                         for k, v in row.items()} for row in scores.rows])  # undefined: empty
     write_json(out_dir / "summary.json", summary)
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(render_report(summary, scores.rows))
@@ -258,16 +258,6 @@ def write_overlay(case_id: str, volume, truth: np.ndarray, predictions: dict[str
     return overlay_figure(image, truth[:, :, k], {m: p[:, :, k] for m, p in predictions.items()},
                           folder / f"{name}.png", title=f"{case_id}, axial slice {k}", modality=modality,
                           display_range=(float(window[0]), float(window[1])))
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Writes the rows as CSV (columns in first-seen order; undefined values left empty), atomically."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
 
 
 def _finite_or_none(obj):

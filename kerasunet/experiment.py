@@ -32,6 +32,7 @@ import numpy as np
 from kerasunet.atomic import atomic_path, write_json
 
 MODES = {"A": "scratch", "B": "init", "C": "freeze"}
+MAIN_LABELS = tuple(f"{letter} ({mode})" for letter, mode in MODES.items())  # report rows of A, B, C
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,8 @@ def plan_runs(settings: ExperimentSettings) -> list[Run]:
     preset = settings.preset()
     runs = []
     for r in range(preset.repeats):
-        for letter, mode in MODES.items():
-            runs.append(Run(f"mri-{mode}-{preset.loss}-r{r}", f"{letter} ({mode})", mode, preset.loss, r))
+        for mode, label in zip(MODES.values(), MAIN_LABELS):
+            runs.append(Run(f"mri-{mode}-{preset.loss}-r{r}", label, mode, preset.loss, r))
         if settings.ablation:
             for loss in preset.ablation_losses:
                 if loss != preset.loss:
@@ -266,8 +267,7 @@ def mri_results(runs: list[Run], mri_evals: list[dict]) -> dict[str, dict[str, t
 
 def what_this_shows(results: dict, repeats: int, histories: dict[str, list[list[dict]]]) -> str:
     """A short paragraph generated from the numbers: are mode differences larger than the spread?"""
-    main = [label for label in results if label[:1] in MODES and label.endswith(")") and "(" in label
-            and label.split("(")[1].rstrip(")") in MODES.values()]
+    main = [label for label in MAIN_LABELS if label in results]
     dice = {label: results[label]["dice_per_case"] for label in main}
     ranked = sorted(main, key=lambda label: -np.nan_to_num(dice[label][0], nan=-1))
     best, worst = ranked[0], ranked[-1]
@@ -322,7 +322,7 @@ def write_report(settings: ExperimentSettings, out: Path, runs: list[Run], ct_ev
     histories: dict[str, list[list[dict]]] = {}
     for run in runs:
         histories.setdefault(run.label, []).append(read_history(out / "runs" / run.name / "history.csv"))
-    main = {k: v for k, v in histories.items() if k.split(" (")[1].rstrip(")") in MODES.values()}
+    main = {k: v for k, v in histories.items() if k in MAIN_LABELS}
     ablation = {k: v for k, v in histories.items() if k.startswith("A (")}
     plot_learning_curves(main, figures / "learning_curves.png",
                          title=f"MRI tumour models, mean and min-max over {preset.repeats} repeat(s)")

@@ -30,6 +30,7 @@ import numpy as np
 
 from kerasunet.labels import OUTPUTS
 from kerasunet.nifti import load_volume, save_like
+from tfrecords_builder.selection import stack_slices  # the builder's 2.5D convention, TF-free
 
 MAX_CASE_VOXELS = 8_000_000
 INPUT_NAME = "image"
@@ -159,17 +160,6 @@ def fetch_model(server: str, model_name: str, version: int | None = None,
     if channels < 1 or channels % 2 == 0:
         raise ServingError(f"{url}/metadata: input 'image' has {channels} channels; expected 2K+1 (odd)")
     return RemoteModel(url=url, channels=channels, num_outputs=num_outputs)
-
-
-def stack_slices(data: np.ndarray, indices, context: int) -> np.ndarray:
-    """2.5D stacks ``[len(indices), X, Y, 2K+1]`` of axial slices ``data[:, :, k]``.
-
-    Channel ``c`` of slice ``k`` is slice ``k + c - K``, clipped to the volume, so edge
-    slices replicate the border slice.
-    """
-    offsets = np.arange(-context, context + 1)
-    last = data.shape[2] - 1
-    return np.stack([data[:, :, np.clip(k + offsets, 0, last)] for k in indices]).astype(np.float32)
 
 
 def plan_batches(num_slices: int, slice_voxels: int, batch_size: int, model: RemoteModel,

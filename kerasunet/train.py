@@ -42,7 +42,6 @@ end, and resume from the chief's checkpoints (a shared file system is assumed).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -53,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kerasunet.atomic import atomic_path, write_json
+from kerasunet.atomic import atomic_path, write_csv, write_json
 from kerasunet.curves import plot_learning_curves, read_history
 from kerasunet.runs import CONFIG_FILE, MODEL_FILE
 
@@ -304,17 +303,6 @@ def shard_options(num_files: int):
     if num_files < num_workers():
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return options
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """Rewrites a CSV atomically with the union of the rows' keys as header."""
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 class Loop:
@@ -602,8 +590,8 @@ class Loop:
         self.epoch.assign(row["epoch"])
         if self.s.schedule == "plateau":
             self.plateau(improved)
-        write_rows(self.write_dir / "history.csv", history)
-        write_rows(self.write_dir / "timing.csv", timing)
+        write_csv(self.write_dir / "history.csv", history)
+        write_csv(self.write_dir / "timing.csv", timing)
         self.log_scalars(row, writers)
         plot_learning_curves({"run": [history]}, self.write_dir / "learning_curves.png")
         shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
