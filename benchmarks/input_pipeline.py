@@ -48,7 +48,7 @@ def write_cases(root: Path, n_slices: int, seed: int = 0) -> None:
 def memmap_rate(records_dir: Path, manifest: dict, batch: int) -> float:
     """Slices/s of a numpy reader over memmapped raw slices (written first, not timed)."""
     from kerasunet.data import load_split_examples
-    from kerasunet.labels import targets_from_labels_np
+    from kerasunet.core.labels import targets_from_labels_np
 
     examples = list(load_split_examples(records_dir, "train"))
     images = np.lib.format.open_memmap(records_dir / "images.npy", "w+", np.float32, (len(examples), SIZE, SIZE, 1))

@@ -43,7 +43,7 @@ def make_volume(folder: Path, size: int, slices: int) -> Path:
 def make_run(folder: Path, filters: int, depth: int, context: int) -> Path:
     """An untrained U-Net saved as a run folder (best.keras + config.json)."""
     from kerasunet.model import build_unet
-    from kerasunet.preprocessing import NormSettings
+    from kerasunet.core.preprocessing import NormSettings
 
     channels = 2 * context + 1
     build_unet((None, None, channels), 2, filters=filters, depth=depth).save(folder / "best.keras")
@@ -56,9 +56,9 @@ def make_run(folder: Path, filters: int, depth: int, context: int) -> Path:
 
 def bare_model_seconds(model, info, volume_path: Path, batch_size: int) -> float:
     """Seconds for the model's batched calls alone on the volume's prepared slices."""
-    from kerasunet.nifti import load_volume
+    from kerasunet.core.nifti import load_volume
     from kerasunet.predict import slice_batch
-    from kerasunet.preprocessing import case_stats, normalize_np
+    from kerasunet.core.preprocessing import case_stats, normalize_np
 
     volume = load_volume(volume_path)
     stats = case_stats(volume.data, info.norm)
@@ -75,7 +75,7 @@ def bare_model_seconds(model, info, volume_path: Path, batch_size: int) -> float
 
 def predict_one_volume(model, info, volume_path: Path, out: Path, settings) -> None:
     """What ``predict_path`` does per volume once the model is loaded: read, segment, write."""
-    from kerasunet.nifti import load_volume, save_like
+    from kerasunet.core.nifti import load_volume, save_like
     from kerasunet.predict import predict_volume
 
     volume = load_volume(volume_path)

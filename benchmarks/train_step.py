@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kerasunet.labels import OUTPUTS  # noqa: E402
+from kerasunet.core.labels import OUTPUTS  # noqa: E402
 from kerasunet.losses import get_loss  # noqa: E402
 from kerasunet.model import build_unet  # noqa: E402
 

@@ -8,9 +8,9 @@ import click
 
 from cli.predict import postprocess_options, postprocess_settings
 from kerasunet.evaluate import EvaluateError, EvaluateSettings, evaluate as run_evaluation, name_models
-from kerasunet.nifti import VolumeError
+from kerasunet.core.nifti import VolumeError
 from kerasunet.predict import PredictSettings
-from kerasunet.runs import RunError
+from kerasunet.core.runs import RunError
 
 
 @click.command("evaluate")

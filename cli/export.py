@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kerasunet.export import CONFIG_FILE, INFO_FILE, ExportError, export_model, example_commands
-from kerasunet.runs import RunError
+from kerasunet.core.runs import RunError
 
 
 @click.command("export")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from kerasunet.nifti import VolumeError
+from kerasunet.core.nifti import VolumeError
 from kerasunet.postprocess import PostprocessSettings
 from kerasunet.predict import PredictSettings, predict_path, predict_path_remote
-from kerasunet.runs import RunError
+from kerasunet.core.runs import RunError
 
 _DEFAULTS = PostprocessSettings()
 

@@ -55,7 +55,7 @@ def _option(*decls, name: str, **kwargs):
 @_option("--seed", name="seed", type=int, help="Random seed.")
 @_option("--resume", name="resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 def train(**options):
-    """Train a U-Net on a records folder and write a run folder (see kerasunet.runs)."""
+    """Train a U-Net on a records folder and write a run folder (see kerasunet.core.runs)."""
     from kerasunet.distribute import DistributeError
     from kerasunet.train import TrainError
     from kerasunet.train import train as run_training

@@ -4,7 +4,7 @@ Pipeline: interleave shard files -> parse -> decode -> normalise -> (resize / pa
 augment (training only) -> shuffle -> batch -> prefetch. Everything runs inside tf.data.
 
 * Normalisation uses each example's own case statistics (``image/norm_stats``) and
-  :func:`kerasunet.preprocessing.normalize`, the same formula predict and export use.
+  :func:`kerasunet.core.preprocessing.normalize`, the same formula predict and export use.
 * ``image_size=(H, W)`` *resizes* (bilinear image, nearest-neighbour mask) rather than
   crops, so the whole field of view is kept; predict must resize its output back.
 * ``pad_to_multiple=m`` pads bottom/right to the next multiple of m with the example's
@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from kerasunet.labels import VALID_LABELS, targets_from_labels_np
-from kerasunet.preprocessing import normalize
-from tfrecords_builder.build import MANIFEST_FILE
+from kerasunet.core.labels import VALID_LABELS, targets_from_labels_np
+from kerasunet.core.preprocessing import normalize
+from kerasunet.core.records_format import MANIFEST_FILE, file_sha256
 from tfrecords_builder.features import decode_example, parse_example, parse_examples
-from tfrecords_builder.writer import file_sha256
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -261,7 +260,7 @@ def _verify_shard(path: Path, shard: dict, compression: str) -> list[str]:
 
 def example_arrays(example: dict, modality: str) -> tuple[np.ndarray, np.ndarray]:
     """Normalised image and targets of one :func:`load_split_examples` dict (numpy)."""
-    from kerasunet.preprocessing import normalize_np
+    from kerasunet.core.preprocessing import normalize_np
 
     return normalize_np(example["image"], example["norm_stats"]), targets_from_labels_np(example["label"], modality)
 
@@ -284,7 +283,7 @@ def save_example_grid(examples: list[dict], modality: str, path: str | Path, col
     import matplotlib.pyplot as plt
 
     from kerasunet.figures import save_figure
-    from kerasunet.labels import OUTPUTS
+    from kerasunet.core.labels import OUTPUTS
 
     rows = -(-len(examples) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)

@@ -29,12 +29,13 @@ from typing import Callable
 
 import numpy as np
 
-from kerasunet.atomic import atomic_path, write_csv, write_json
+from kerasunet.core.atomic import atomic_path, write_csv, write_json
 from kerasunet.figures import overlay_figure, pick_slice
 from kerasunet.lits_metrics import METRICS, case_metrics, summarize_structure
-from kerasunet.nifti import CaseFiles, VolumeError, find_cases, load_volume
+from kerasunet.core.nifti import CaseFiles, VolumeError, find_cases, load_volume
 from kerasunet.predict import PredictSettings, load_predictor, predict_volume
-from kerasunet.preprocessing import case_stats, normalize_np
+from kerasunet.core.preprocessing import case_stats, normalize_np
+from kerasunet.core.records_format import MANIFEST_FILE
 
 BASELINE = "all-background"
 STRUCTURES = {"ct": ("liver", "tumour"), "mri": ("tumour",)}
@@ -88,7 +89,7 @@ def find_eval_cases(data, split: str = "test", phase: str = "artery") -> tuple[s
         VolumeError: ``data`` is not a folder, or holds no cases.
     """
     data = Path(data)
-    if (data / "manifest.json").exists():
+    if (data / MANIFEST_FILE).exists():
         modality, cases = manifest_cases(data, split)
     else:
         layout, cases = find_cases(data, phase)
@@ -108,7 +109,7 @@ def manifest_cases(records_dir: Path, split: str) -> tuple[str, list[CaseFiles]]
     """
     from kerasunet.data import RecordsError, read_manifest
 
-    path = records_dir / "manifest.json"
+    path = records_dir / MANIFEST_FILE
     try:
         manifest = read_manifest(records_dir)
         splits = manifest["splits"]

@@ -29,7 +29,8 @@ from typing import Callable
 
 import numpy as np
 
-from kerasunet.atomic import atomic_path, write_json
+from kerasunet.core.atomic import atomic_path, write_json
+from kerasunet.core.records_format import MANIFEST_FILE
 
 MODES = {"A": "scratch", "B": "init", "C": "freeze"}
 MAIN_LABELS = tuple(f"{letter} ({mode})" for letter, mode in MODES.items())  # report rows of A, B, C
@@ -184,7 +185,7 @@ def _build(source: Path, dataset: str, out: Path, settings: ExperimentSettings, 
                                 seed=settings.seed, holdout="last", val_fraction=0.2,
                                 test_fraction=0.25, workers=settings.workers),
                   log=progress)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     counts = ", ".join(f"{split} {len(v['cases'])} cases / {v['num_examples']} slices"
                        for split, v in manifest["splits"].items())
     progress(f"{dataset}: {counts}; skipped {len(manifest['skipped'])}: "

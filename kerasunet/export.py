@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 
 from kerasunet import __version__
-from kerasunet.atomic import atomic_path, write_json
-from kerasunet.labels import LABEL_VALUES, OUTPUTS
-from kerasunet.runs import RunInfo, load_model, resolve_run
+from kerasunet.core.atomic import atomic_path, write_json
+from kerasunet.core.labels import LABEL_VALUES, OUTPUTS
+from kerasunet.core.runs import RunInfo, load_model, resolve_run
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
@@ -90,8 +90,8 @@ def make_serving_fn(model, info: RunInfo):
     """
     import tensorflow as tf
 
-    from kerasunet.labels import labels_from_probabilities
-    from kerasunet.preprocessing import normalize, stats_in_graph
+    from kerasunet.core.labels import labels_from_probabilities
+    from kerasunet.core.preprocessing import normalize, stats_in_graph
 
     multiple, settings, modality, center = 2**info.depth, info.norm, info.modality, info.context
     image_size = info.config["data"].get("image_size")

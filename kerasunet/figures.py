@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasunet.atomic import atomic_path
+from kerasunet.core.atomic import atomic_path
 from kerasunet.lits_metrics import structure_masks
 
 COLOURS = {"liver": (0.1, 0.8, 0.2), "tumour": (0.95, 0.1, 0.1)}

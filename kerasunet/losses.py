@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from kerasunet.labels import OUTPUTS
+from kerasunet.core.labels import OUTPUTS
 
 LOSSES = ("bce", "dice", "bce_dice", "focal", "masked")
 # Floor inside the logs. Keras's usual clip at 1e-7 zeroes the gradient of every pixel whose

@@ -1,6 +1,6 @@
 """Whole-volume inference: NIfTI in, NIfTI label mask (and optional probabilities) out.
 
-The model's preprocessing is read from its run config (``kerasunet.runs``), never repeated by
+The model's preprocessing is read from its run config (``kerasunet.core.runs``), never repeated by
 hand: per-case statistics ``case_stats(volume, info.norm)`` and ``normalize_np``, the same
 formula the training reader applies. Slices are the canonical axial slices ``data[:, :, k]``
 (height = canonical x, width = canonical y), as the records builder writes them. A 2.5D model
@@ -39,11 +39,12 @@ from typing import Callable
 
 import numpy as np
 
-from kerasunet.labels import OUTPUTS, labels_from_probabilities_np
-from kerasunet.nifti import Volume, VolumeError, find_cases, is_nifti, load_volume, save_like, strip_nifti_suffix
+from kerasunet.core.labels import OUTPUTS, labels_from_probabilities_np
+from kerasunet.core.nifti import Volume, VolumeError, find_cases, is_nifti, load_volume, save_like, strip_nifti_suffix
 from kerasunet.postprocess import PostprocessSettings, postprocess
-from kerasunet.preprocessing import case_stats, normalize_np
-from kerasunet.runs import RunInfo, load_model, resolve_run
+from kerasunet.core.preprocessing import case_stats, normalize_np
+from kerasunet.core.runs import RunInfo, load_model, resolve_run
+from kerasunet.core.stacking import stack_slices
 
 # (flip height, flip width) for test-time augmentation; each is its own inverse.
 TTA_FLIPS = ((False, False), (True, False), (False, True), (True, True))
@@ -115,10 +116,9 @@ def slice_batch(slices: np.ndarray, indices: np.ndarray, context: int, padded_hw
         padded_hw: height and width after padding.
         background: the pad value.
     """
-    offsets = np.arange(-context, context + 1)
-    picks = np.clip(indices[:, None] + offsets[None, :], 0, slices.shape[0] - 1)
-    batch = np.full((len(indices), *padded_hw, len(offsets)), background, dtype=np.float32)
-    batch[:, : slices.shape[1], : slices.shape[2], :] = np.moveaxis(slices[picks], 1, -1)
+    stacks = stack_slices(np.moveaxis(slices, 0, -1), indices, context)
+    batch = np.full((len(indices), *padded_hw, stacks.shape[-1]), background, dtype=np.float32)
+    batch[:, : slices.shape[1], : slices.shape[2], :] = stacks
     return batch
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasunet.labels import OUTPUTS
-from kerasunet.nifti import load_volume, save_like
-from tfrecords_builder.selection import stack_slices  # the builder's 2.5D convention, TF-free
+from kerasunet.core.labels import OUTPUTS
+from kerasunet.core.nifti import load_volume, save_like
+from kerasunet.core.stacking import stack_slices
 
 MAX_CASE_VOXELS = 8_000_000
 INPUT_NAME = "image"

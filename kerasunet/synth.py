@@ -45,8 +45,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from kerasunet.atomic import atomic_path
-from kerasunet.nifti import NIFTI_SUFFIXES, strip_nifti_suffix
+from kerasunet.core.atomic import atomic_path
+from kerasunet.core.nifti import NIFTI_SUFFIXES, strip_nifti_suffix
 
 Progress = Callable[[str], None] | None
 

@@ -27,7 +27,7 @@ head's sigmoid stays float32) and restored afterwards; the optimiser is wrapped 
 ``keras.optimizers.LossScaleOptimizer``. On CPU ``on`` works but is slow, as float16
 convolutions are emulated there. ``best.keras`` is always saved as a float32 model.
 
-The run folder is described in :mod:`kerasunet.runs`. ``--out`` must be empty or absent
+The run folder is described in :mod:`kerasunet.core.runs`. ``--out`` must be empty or absent
 unless ``--resume`` is given; ``--resume`` on an empty folder starts a new run (so job
 scripts may always pass it). A resumed run restores model, optimiser (iterations, moments,
 loss scale, learning rate), epoch, best validation loss and plateau counter from the
@@ -52,9 +52,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kerasunet.atomic import atomic_path, write_csv, write_json
+from kerasunet.core.atomic import atomic_path, write_csv, write_json
 from kerasunet.curves import plot_learning_curves, read_history
-from kerasunet.runs import CONFIG_FILE, MODEL_FILE
+from kerasunet.core.records_format import MANIFEST_FILE
+from kerasunet.core.runs import CONFIG_FILE, MODEL_FILE
 
 # Kept here (and checked against kerasunet.transfer / kerasunet.losses by the tests) so the
 # CLI can list choices without importing TensorFlow.
@@ -62,7 +63,6 @@ MODES = ("scratch", "init", "freeze")
 LOSSES = ("bce", "dice", "bce_dice", "focal", "masked")
 SCHEDULES = ("none", "cosine", "plateau")
 PRECISIONS = ("auto", "on", "off")
-MANIFEST_FILE = "manifest.json"
 PLATEAU_FACTOR = 0.5
 PLATEAU_PATIENCE = 2
 KEEP_CHECKPOINTS = 2
@@ -79,7 +79,7 @@ class TrainSettings:
 
     Attributes:
         records: Records folder written by ``kerasunet build-records``.
-        out: Run folder to write (see :mod:`kerasunet.runs`).
+        out: Run folder to write (see :mod:`kerasunet.core.runs`).
         mode: ``scratch``, ``init`` or ``freeze`` (see :mod:`kerasunet.transfer`).
         pretrained: Run folder or ``.keras`` file for ``init``/``freeze``.
         epochs: Total epochs (a resumed run continues up to this number).
@@ -325,7 +325,7 @@ class Loop:
     # --- setup -------------------------------------------------------------------------
     def make_datasets(self) -> None:
         from kerasunet import data
-        from kerasunet.labels import OUTPUTS
+        from kerasunet.core.labels import OUTPUTS
 
         s, splits = self.s, self.manifest["splits"]
         self.output_names = OUTPUTS[self.manifest["modality"]]
@@ -363,7 +363,7 @@ class Loop:
         from kerasunet.losses import get_loss
         from kerasunet.metrics import metrics_for
         from kerasunet.model import build_unet
-        from kerasunet.runs import RunError
+        from kerasunet.core.runs import RunError
         from kerasunet.transfer import build_for_mode
 
         s = self.s

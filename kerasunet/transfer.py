@@ -20,9 +20,9 @@ from pathlib import Path
 
 import keras
 
-from kerasunet.labels import OUTPUTS
+from kerasunet.core.labels import OUTPUTS
 from kerasunet.model import block_of, build_unet, layers_in_blocks
-from kerasunet.runs import MODEL_FILE, RunError
+from kerasunet.core.runs import MODEL_FILE, RunError
 
 MODES = ("scratch", "init", "freeze")
 HEAD = "head_conv"

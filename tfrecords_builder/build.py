@@ -25,16 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasunet.atomic import write_json
-from kerasunet.labels import OUTPUTS
-from kerasunet.nifti import CaseFiles, VolumeError
-from kerasunet.preprocessing import NormSettings
+from kerasunet.core.atomic import write_json
+from kerasunet.core.labels import OUTPUTS
+from kerasunet.core.nifti import CaseFiles, VolumeError
+from kerasunet.core.preprocessing import NormSettings
+from kerasunet.core.records_format import MANIFEST_FILE, SHARD_RE, TEMP_PREFIX
 from tfrecords_builder.features import FEATURES, slice_example
 from tfrecords_builder.ingest import DATASETS, CaseTask, SkipCase, extract_case, find_dataset_cases, inspect_case
 from tfrecords_builder.selection import SelectionSettings
-from tfrecords_builder.writer import SHARD_RE, TEMP_PREFIX, ShardWriter
+from tfrecords_builder.writer import ShardWriter
 
-MANIFEST_FILE = "manifest.json"
 STATE_FILE = ".build-state.json"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")

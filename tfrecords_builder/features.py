@@ -3,7 +3,7 @@
 One example is one axial slice in canonical RAS+ voxel order (``data[:, :, k]``), so the
 image height H runs along the canonical x axis and the width W along y. The image holds
 raw intensities (HU for CT, scanner units for MRI); the reader normalises them with the
-case's ``image/norm_stats`` (see ``kerasunet.preprocessing``).
+case's ``image/norm_stats`` (see ``kerasunet.core.preprocessing``).
 """
 
 from __future__ import annotations

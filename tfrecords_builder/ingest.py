@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kerasunet.labels import LABEL_VALUES, VALID_LABELS
-from kerasunet.nifti import CaseFiles, VolumeError, find_lits_cases, find_mri_cases, load_volume
-from kerasunet.preprocessing import NormSettings, case_stats
-from tfrecords_builder.selection import SelectionSettings, select_slices, stack_slices
+from kerasunet.core.labels import LABEL_VALUES, VALID_LABELS
+from kerasunet.core.nifti import CaseFiles, VolumeError, find_lits_cases, find_mri_cases, load_volume
+from kerasunet.core.preprocessing import NormSettings, case_stats
+from kerasunet.core.stacking import stack_slices
+from tfrecords_builder.selection import SelectionSettings, select_slices
 
 DATASETS = {"lits": "ct", "mri": "mri"}
 # label value that marks tumour, per modality (CT: LiTS 2; MRI: 1)

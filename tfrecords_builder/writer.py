@@ -8,40 +8,19 @@ only when the whole split is written are they renamed to their final
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 import tensorflow as tf
 
-SHARD_RE = re.compile(r"^(?P<name>[\w.]+)-(?P<split>\w+)\.tfrecord-(?P<index>\d{5})-of-(?P<total>\d{5})$")
-TEMP_PREFIX = ".tmp-"
+from kerasunet.core.records_format import file_sha256, shard_name, temp_shard_name
+
 _RECORD_OVERHEAD = 16  # TFRecord framing: length (8) + two CRCs (4 + 4)
 # test hook: when the shard with this temporary name is closed, say so and wait (so a test
 # can SIGKILL the build at a known point)
 PAUSE_ENV = "KERASUNET_TEST_PAUSE_AFTER_SHARD"
-
-
-def shard_name(name: str, split: str, index: int, total: int) -> str:
-    """The TFDS-style file name of a shard: ``NAME-SPLIT.tfrecord-00000-of-00003``."""
-    if not 0 <= index < total:
-        raise ValueError(f"Expected 0 <= index < total. Received: index={index}, total={total}")
-    return f"{name}-{split}.tfrecord-{index:05d}-of-{total:05d}"
-
-
-def temp_shard_name(name: str, split: str, index: int) -> str:
-    return f"{TEMP_PREFIX}{name}-{split}.tfrecord-{index:05d}"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sync(path: Path) -> None:

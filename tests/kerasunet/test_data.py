@@ -3,8 +3,8 @@ import pytest
 
 from kerasunet.augment import AugmentSettings
 from kerasunet.data import RecordsError, get_dataset, load_split_examples, read_manifest, verify_records
-from kerasunet.labels import targets_from_labels_np
-from kerasunet.preprocessing import normalize_np
+from kerasunet.core.labels import targets_from_labels_np
+from kerasunet.core.preprocessing import normalize_np
 from tests.tfrecords_builder.test_build import LPS, phantom, save, settings_for, write_lits
 from tfrecords_builder.build import build_records
 

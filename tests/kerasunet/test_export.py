@@ -13,10 +13,10 @@ import pytest
 
 from kerasunet import export as export_mod
 from kerasunet.export import ExportError, export_model, numeric_versions
-from kerasunet.labels import labels_from_probabilities_np
+from kerasunet.core.labels import labels_from_probabilities_np
 from kerasunet.model import build_unet
-from kerasunet.preprocessing import NormSettings, case_stats, normalize_np
-from kerasunet.runs import RunError, resolve_run
+from kerasunet.core.preprocessing import NormSettings, case_stats, normalize_np
+from kerasunet.core.runs import RunError, resolve_run
 
 BIN = Path(sys.executable).parent
 KEYS = ("ct", "mri", "mixed", "resized")

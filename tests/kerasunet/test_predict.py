@@ -8,12 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kerasunet.nifti import load_volume
+from kerasunet.core.nifti import load_volume
 from kerasunet.postprocess import PostprocessSettings
 from kerasunet.predict import (PredictSettings, load_predictor, plan_jobs, predict_path, predict_volume,
                                slice_batch)
-from kerasunet.preprocessing import NormSettings, case_stats, normalize_np
-from kerasunet.runs import RunError
+from kerasunet.core.preprocessing import NormSettings, case_stats, normalize_np
+from kerasunet.core.runs import RunError
 
 LPS = np.diag([-0.8, -0.8, 2.5, 1.0])
 FLIPPED_SWAPPED = np.array([[0, 0.7, 0, 10], [-0.7, 0, 0, 5], [0, 0, -3.0, 2], [0, 0, 0, 1]], float)
@@ -131,7 +131,7 @@ def test_pad_value_is_the_normalised_window_minimum():
 
 @pytest.mark.parametrize("context", [1, 2])
 def test_2_5d_stacks_match_the_records_builder(context):
-    from tfrecords_builder.selection import stack_slices
+    from kerasunet.core.stacking import stack_slices
 
     volume = np.random.default_rng(3).normal(size=(6, 5, 4)).astype(np.float32)
     indices = np.arange(4)
@@ -217,7 +217,7 @@ def test_channel_mismatch_is_a_clear_error(tmp_path):
 
 
 def test_plan_jobs_names_and_errors(tmp_path):
-    from kerasunet.nifti import VolumeError
+    from kerasunet.core.nifti import VolumeError
 
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(tmp_path / "scan.nii.gz"))
     [job] = plan_jobs(tmp_path / "scan.nii.gz", tmp_path / "o", probabilities=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kerasunet.export import export_model
-from kerasunet.nifti import load_volume, to_original_order
+from kerasunet.core.nifti import load_volume, to_original_order
 from kerasunet.serving_client import (RemoteModel, ServingError, call, model_url, plan_batches, predict_volume_remote,
                                       stack_slices)
 from tests.kerasunet.serving_double import ServingDouble

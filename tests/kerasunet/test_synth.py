@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kerasunet.nifti import find_cases, load_volume
+from kerasunet.core.nifti import find_cases, load_volume
 from kerasunet.synth import (
     CtSettings,
     MriSettings,

@@ -103,7 +103,7 @@ def test_run_folder_holds_the_contract(learned, ct_records):
     assert [int(r["epoch"]) for r in read_csv(run / "timing.csv")] == [1, 2, 3, 4, 5, 6]
     assert all(float(r["seconds"]) > 0 for r in read_csv(run / "timing.csv"))
     assert any(line.startswith("epoch 1/6 step 6/6 loss ") and " eta " in line for line in lines)
-    from kerasunet.runs import load_model, resolve_run
+    from kerasunet.core.runs import load_model, resolve_run
     info = resolve_run(run)
     assert info.modality == "ct" and load_model(info).output_shape == (None, None, None, 2)
 
@@ -113,7 +113,7 @@ def test_best_model_is_the_lowest_validation_loss(learned, ct_records):
 
     from kerasunet.data import get_dataset
     from kerasunet.losses import get_loss
-    from kerasunet.runs import load_model, resolve_run
+    from kerasunet.core.runs import load_model, resolve_run
 
     history = learned[0].history
     model = load_model(resolve_run(learned[0].run_dir))

@@ -8,7 +8,7 @@ import pytest
 
 from kerasunet.losses import get_loss
 from kerasunet.model import block_of, build_unet
-from kerasunet.runs import RunError
+from kerasunet.core.runs import RunError
 from kerasunet.transfer import MODES, build_for_mode, frozen_blocks, transfer_weights
 
 ARCH = {"filters": 4, "depth": 3}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kerasunet.data import load_split_examples, read_manifest, verify_records
-from kerasunet.nifti import load_volume
+from kerasunet.core.nifti import load_volume
 from tfrecords_builder.build import BuildError, BuildSettings, assign_splits, build_records, split_counts
 
 RAS = np.diag([0.8, 0.7, 2.5, 1.0])

@@ -3,8 +3,8 @@ import re
 import numpy as np
 import pytest
 
-from kerasunet.nifti import CaseFiles
-from kerasunet.preprocessing import NormSettings
+from kerasunet.core.nifti import CaseFiles
+from kerasunet.core.preprocessing import NormSettings
 from tests.tfrecords_builder.test_build import phantom, save, settings_for, write_lits
 from tfrecords_builder.build import BuildError, build_records
 from tfrecords_builder.ingest import CaseTask, SkipCase, find_dataset_cases, inspect_case, load_case

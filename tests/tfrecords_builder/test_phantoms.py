@@ -3,8 +3,8 @@
 import numpy as np
 
 from kerasunet.data import get_dataset, load_split_examples, verify_records
-from kerasunet.nifti import load_volume
-from kerasunet.preprocessing import normalize_np
+from kerasunet.core.nifti import load_volume
+from kerasunet.core.preprocessing import normalize_np
 from tests.tfrecords_builder.test_build import settings_for
 from tfrecords_builder.build import build_records
 

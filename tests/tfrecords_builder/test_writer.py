@@ -1,7 +1,8 @@
 import pytest
 import tensorflow as tf
 
-from tfrecords_builder.writer import SHARD_RE, ShardWriter, file_sha256, shard_name
+from kerasunet.core.records_format import SHARD_RE, file_sha256, shard_name
+from tfrecords_builder.writer import ShardWriter
 
 
 def test_shard_name_is_tfds_style_and_matches_the_pattern():

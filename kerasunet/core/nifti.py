@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from kerasunet.atomic import atomic_path
+from kerasunet.core.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _RAS = np.array([[0, 1], [1, 1], [2, 1]])

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kerasunet.preprocessing import NormSettings, case_stats, normalize, normalize_np, stats_in_graph
+from kerasunet.core.preprocessing import NormSettings, case_stats, normalize, normalize_np, stats_in_graph
 
 
 def test_ct_window_maps_to_unit_range():

@@ -2,7 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kerasunet.nifti import VolumeError, find_cases, load_volume, save_like
+from kerasunet.core.nifti import VolumeError, find_cases, load_volume, save_like
 
 LPS = np.diag([-0.8, -0.8, 2.5, 1.0])
 FLIPPED_SWAPPED = np.array([[0, 0.7, 0, 10], [-0.7, 0, 0, 5], [0, 0, -3.0, 2], [0, 0, 0, 1]], float)

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kerasunet.preprocessing import NormSettings
+from kerasunet.core.preprocessing import NormSettings
 
 MODEL_FILE = "best.keras"
 CONFIG_FILE = "config.json"
@@ -114,7 +114,7 @@ def check_model(model, info: RunInfo) -> None:
     Raises:
         RunError: a mismatch; the message names the model file.
     """
-    from kerasunet.labels import OUTPUTS
+    from kerasunet.core.labels import OUTPUTS
 
     channels, expected = model.input_shape[-1], 2 * info.context + 1
     if channels != expected or channels != info.input_channels:

@@ -1,0 +1,8 @@
+"""The TensorFlow-free pieces that both the record builder and the model side import.
+
+``nifti`` (volume I/O and canonical orientation), ``labels`` (label values <-> output
+channels), ``preprocessing`` (the one normalisation formula), ``stacking`` (2.5D context
+stacks), ``records_format`` (manifest and shard file names, checksums), ``runs`` (what a run
+folder holds) and ``atomic`` (write to a temporary name, then rename). Nothing here imports
+TensorFlow, so builder worker processes and TF Serving clients start fast.
+"""

@@ -1,0 +1,37 @@
+"""The on-disk facts of a records folder that writer and reader share (TensorFlow-free).
+
+A records folder holds TFDS-style shards ``NAME-SPLIT.tfrecord-00000-of-00003`` and one
+``manifest.json`` (counts, cases, skipped cases, settings, SHA-256 of every shard). While a
+split is being written its shards carry the temporary prefix ``.tmp-``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+MANIFEST_FILE = "manifest.json"
+SHARD_RE = re.compile(r"^(?P<name>[\w.]+)-(?P<split>\w+)\.tfrecord-(?P<index>\d{5})-of-(?P<total>\d{5})$")
+TEMP_PREFIX = ".tmp-"
+
+
+def shard_name(name: str, split: str, index: int, total: int) -> str:
+    """The TFDS-style file name of a shard: ``NAME-SPLIT.tfrecord-00000-of-00003``."""
+    if not 0 <= index < total:
+        raise ValueError(f"Expected 0 <= index < total. Received: index={index}, total={total}")
+    return f"{name}-{split}.tfrecord-{index:05d}-of-{total:05d}"
+
+
+def temp_shard_name(name: str, split: str, index: int) -> str:
+    """The name of a shard while its split is still being written."""
+    return f"{TEMP_PREFIX}{name}-{split}.tfrecord-{index:05d}"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
