@@ -1,4 +1,4 @@
-"""``make demo``: phantoms → the CT→MRI transfer experiment (small config) → export, timed.
+"""``make demo``: phantoms → the CT→MRI transfer experiment (small preset) → export, timed.
 
 Run as ``python -m cli.demo [OUT_DIR]`` (default ``demo_output/``). Rerunning continues an
 interrupted demo. Exits non-zero when the results do not show real segmentation: CT liver
@@ -36,7 +36,7 @@ def best_mri_run(out: Path) -> tuple[str, Path, float]:
 @click.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_output"))
 def main(out: Path):
-    """Synthesise phantoms, run `experiment transfer --config small`, export the best MRI model."""
+    """Synthesise phantoms, run `experiment transfer --preset small`, export the best MRI model."""
     from kerasunet.experiment import ExperimentSettings, run_experiment
     from kerasunet.export import export_model
     from kerasunet.synth import synth_dataset
@@ -46,7 +46,7 @@ def main(out: Path):
     synth_dataset(out / "phantoms", ct_cases=CT_CASES, mri_cases=MRI_CASES, size=CT_SIZE,
                   mri_shape=MRI_SHAPE, ct_slices=CT_SLICES, seed=0, progress=click.echo)
     settings = ExperimentSettings(lits=out / "phantoms" / "lits", mri=out / "phantoms" / "mri",
-                                  out=out / "experiment", config="small")
+                                  out=out / "experiment", preset="small")
     report = run_experiment(settings, progress=click.echo)
     label, run_dir, dice = best_mri_run(settings.out)
     export = export_model(run_dir, Path("saved_models") / "demo-mri-tumour", overwrite=False)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from kerasunet.experiment import PRESETS, ExperimentSettings, run_experiment
+from kerasunet.core.records_format import DEFAULT_WORKERS
+from kerasunet.experiment import EXPERIMENT_LOSSES, PRESETS, ExperimentSettings, run_experiment
 
 
 @click.group("experiment")
@@ -20,24 +21,24 @@ def experiment():
 @click.option("--mri", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="MRI folder (one folder per case).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Experiment folder (rerun the same command to resume).")
-@click.option("--config", type=click.Choice(sorted(PRESETS)), default="small", show_default=True,
+              help="Experiment folder; a rerun keeps the steps whose settings are unchanged and reruns the rest.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small", show_default=True,
               help="paper: the research's hyper-parameters; small: sized for 2 CPU cores.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="Repeats per mode [preset].")
 @click.option("--epochs-ct", type=click.IntRange(min=1), default=None, help="CT epochs [preset].")
 @click.option("--epochs-mri", type=click.IntRange(min=1), default=None, help="MRI epochs [preset].")
-@click.option("--loss", type=click.Choice(["bce", "dice", "bce_dice", "focal"]), default=None,
+@click.option("--loss", type=click.Choice(EXPERIMENT_LOSSES), default=None,
               help="Loss of the main runs [preset]; the ablation runs model A with the other of bce/bce_dice.")
 @click.option("--ablation/--no-ablation", default=True, show_default=True, help="Run the loss ablation.")
 @click.option("--phase", default="artery", show_default=True, help="MRI phase image name.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed (repeat r uses seed + 1000 r).")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=DEFAULT_WORKERS, show_default=True,
               help="Processes for building records.")
 def transfer(**options):
     """Pretrain on CT, train A (scratch), B (init) and C (freeze) on MRI, evaluate, report."""
     try:
         settings = ExperimentSettings(**options)
-        settings.preset()
+        settings.hyperparameters()
         report = run_experiment(settings, progress=click.echo)
     except ValueError as exc:  # every library error of the stages is a ValueError subclass
         raise click.ClickException(str(exc).splitlines()[0]) from None

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from kerasunet.core.nifti import VolumeError
 from kerasunet.postprocess import PostprocessSettings
-from kerasunet.predict import PredictSettings, predict_path, predict_path_remote
+from kerasunet.predict import PredictSettings, predict_path, predict_path_served
 from kerasunet.core.runs import RunError
+from kerasunet.serving_client import ServingError
 
 _DEFAULTS = PostprocessSettings()
 
@@ -52,9 +54,10 @@ def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tu
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Mask file (.nii/.nii.gz) for a single volume, else a folder: segmentation-N.nii[.gz] "
                    "(LiTS) or CASE/prediction.nii.gz (MRI).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Slices per model call.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Slices per model call (with --server: per request).")
 @click.option("--tta/--no-tta", default=False, show_default=True,
-              help="Average over flips (none, height, width, both); 4x slower.")
+              help="Average over flips (none, height, width, both); 4x slower. Local --model only.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Probability at or above which a voxel is foreground.")
 @click.option("--probabilities", is_flag=True,
@@ -63,27 +66,29 @@ def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tu
 @click.option("--phase", default="artery", show_default=True, help="MRI layout: image file stem in each case folder.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="With --server: seconds to wait for each answer.")
-def predict(model_path, server, model_name, model_version, input_path, output_path, batch_size, tta, threshold,
+@click.pass_context
+def predict(ctx, model_path, server, model_name, model_version, input_path, output_path, batch_size, tta, threshold,
             probabilities, phase, timeout, **postprocess):
     """Segment volumes; masks keep the input's own affine, shape and orientation.
 
     Post-processing (default on; after Chlebus et al. 2018): CT keeps the largest 3D liver
     component, tumour only within --liver-dilation-mm (5 mm) of it, and drops tumour components
-    under --min-tumour-voxels (10); MRI only drops the small tumour components. Not applied to
-    --server masks (the served graph returns the labels). Exits with status 1 when
-    any volume failed (the others are still written).
+    under --min-tumour-voxels (10); MRI only drops the small tumour components. With --server
+    the served model returns probabilities and the threshold and post-processing run here, so
+    the masks equal a local --model run of the same model. Exits with status 1 when any
+    volume failed (the others are still written).
     """
-    _check_source(model_path, server, model_name, model_version)
+    _check_source(ctx, model_path, server, model_name, model_version, tta)
+    settings = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold,
+                               postprocess=postprocess_settings(**postprocess),
+                               save_probabilities=probabilities, phase=phase)
     try:
         if server:
-            result = predict_path_remote(server, model_name, input_path, output_path, version=model_version,
-                                         batch_size=batch_size, timeout=timeout, phase=phase, progress=click.echo)
+            result = predict_path_served(server, model_name, input_path, output_path, settings,
+                                         version=model_version, timeout=timeout, progress=click.echo)
         else:
-            settings = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold,
-                                       postprocess=postprocess_settings(**postprocess),
-                                       save_probabilities=probabilities, phase=phase)
             result = predict_path(model_path, input_path, output_path, settings, progress=click.echo)
-    except (RunError, VolumeError) as exc:
+    except (RunError, VolumeError, ServingError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {len(result.written)} mask(s) under {output_path}")
     if result.failures:
@@ -95,12 +100,15 @@ def predict(model_path, server, model_name, model_version, input_path, output_pa
                                    "volume(s) failed")
 
 
-def _check_source(model_path, server, model_name, model_version) -> None:
+def _check_source(ctx, model_path, server, model_name, model_version, tta) -> None:
     if model_path and server:
         raise click.UsageError("--model and --server are mutually exclusive: use a local model or a served one")
     if not model_path and not server:
         raise click.UsageError("give --model RUN_DIR (local) or --server URL --model-name NAME (TF Serving)")
     if server and not model_name:
         raise click.UsageError("--server needs --model-name")
-    if not server and (model_name or model_version):
-        raise click.UsageError("--model-name/--model-version only apply with --server")
+    if server and tta:
+        raise click.UsageError("--tta needs a local --model: the served graph has no flips")
+    given_timeout = ctx.get_parameter_source("timeout") is not ParameterSource.DEFAULT
+    if not server and (model_name or model_version or given_timeout):
+        raise click.UsageError("--model-name/--model-version/--timeout only apply with --server")

@@ -11,6 +11,8 @@ import time
 
 import click
 
+from kerasunet.core.records_format import DEFAULT_WORKERS
+
 
 def _pair(ctx, param, value):
     if value is None:
@@ -59,7 +61,8 @@ def _echo_summary(manifest: dict) -> None:
 @click.option("--mri", type=click.Path(file_okay=False), help="MRI folder (one folder per case).")
 @click.option("--phase", default="artery", show_default=True, help="MRI phase image name.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Records folder.")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: CPU count].")
+@click.option("--workers", type=click.IntRange(min=1), default=DEFAULT_WORKERS, show_default=True,
+              help="Worker processes reading cases (1 runs in-process).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random case split.")
 @click.option("--val-fraction", default=0.2, show_default=True, help="Fraction of cases for validation.")
 @click.option("--test-fraction", default=0.1, show_default=True, help="Fraction of cases for test.")
@@ -108,7 +111,8 @@ def build_records(ctx, lits, mri, out, **options):
 @click.option("--out", type=click.Path(dir_okay=False), help="PNG path for --show.")
 def inspect_records(records_dir, show, split, out):
     """Prints a records folder's summary and verifies every shard's SHA-256 and example count."""
-    from kerasunet.data import RecordsError, load_split_examples, read_manifest, save_example_grid, verify_records
+    from kerasunet.data import RecordsError, load_split_examples, read_manifest, verify_records
+    from kerasunet.figures import save_example_grid
 
     if show and not out:
         raise click.BadParameter("Expected --out PNG with --show.", param_hint="--out")

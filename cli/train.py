@@ -1,4 +1,4 @@
-"""``kerasunet train``: parses options into :class:`kerasunet.train.TrainSettings` and trains."""
+"""``kerasunet train``: parses options into :class:`kerasunet.train_settings.TrainSettings` and trains."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import re
 
 import click
 
-from kerasunet.train import LOSSES, MODES, PRECISIONS, SCHEDULES, TrainSettings
+from kerasunet.core.choices import LOSSES, MODES, PRECISIONS, SCHEDULES
+from kerasunet.train_settings import TrainError, TrainSettings
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
 
@@ -57,7 +58,6 @@ def _option(*decls, name: str, **kwargs):
 def train(**options):
     """Train a U-Net on a records folder and write a run folder (see kerasunet.core.runs)."""
     from kerasunet.distribute import DistributeError
-    from kerasunet.train import TrainError
     from kerasunet.train import train as run_training
 
     try:

@@ -263,39 +263,3 @@ def example_arrays(example: dict, modality: str) -> tuple[np.ndarray, np.ndarray
     from kerasunet.core.preprocessing import normalize_np
 
     return normalize_np(example["image"], example["norm_stats"]), targets_from_labels_np(example["label"], modality)
-
-
-OVERLAY_COLOURS = {"liver": (0.1, 0.9, 0.2), "tumour": (1.0, 0.1, 0.1)}
-
-
-def save_example_grid(examples: list[dict], modality: str, path: str | Path, columns: int = 4) -> Path:
-    """Writes a PNG grid of examples (centre channel, normalised) with their masks overlaid.
-
-    Args:
-        examples: dicts from :func:`load_split_examples`.
-        modality: "ct" or "mri" (which output channels to overlay).
-        path: the PNG to write (atomically).
-        columns: images per row.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kerasunet.figures import save_figure
-    from kerasunet.core.labels import OUTPUTS
-
-    rows = -(-len(examples) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, ex in zip(axes.ravel(), examples):
-        image, target = example_arrays(ex, modality)
-        ax.imshow(image[..., image.shape[-1] // 2], cmap="gray")
-        for channel, name in enumerate(OUTPUTS[modality]):
-            overlay = np.zeros(target.shape[:2] + (4,))
-            overlay[..., :3] = OVERLAY_COLOURS[name]
-            overlay[..., 3] = 0.4 * target[..., channel]
-            ax.imshow(overlay)
-        ax.set_title(ex["key"], fontsize=8)
-    return save_figure(fig, path, dpi=80)

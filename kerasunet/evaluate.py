@@ -2,18 +2,23 @@
 
 ``data`` is either a records folder (its ``manifest.json`` test split, read through
 ``kerasunet.data.read_manifest``; the volumes are the source paths in ``manifest["cases"]``)
-or a folder of volumes with labels in the LiTS or MRI layout. Cases without a label are
-skipped with a reason. Every model segments the same cases through
-:func:`kerasunet.predict.predict_volume` (the one inference path), each volume is read once.
+or a folder of volumes with labels in the LiTS or MRI layout. A case without a label, or one
+that fails the checks ``build-records`` applies (``kerasunet.core.cases.load_case``), is
+skipped with the same reason and the others are evaluated. Every model segments the same
+cases through :func:`kerasunet.predict.predict_volume` (the one inference path), each volume
+is read once.
 
 ``out_dir`` receives (all written atomically):
 
-* ``metrics.csv``: one row per case and model; per structure Dice, VOE, RVD, ASSD (mm),
-  MSSD (mm), voxel counts and, for tumour, lesion counts (``kerasunet.lits_metrics``).
-* ``summary.json``: per model and structure, Dice per case (mean over cases), global Dice,
-  mean ± std of every metric (undefined values left out and counted), lesion recall and
-  precision; the same for an all-background baseline, so a report shows whether the models
-  beat predicting nothing.
+* ``metrics.csv``: one row per case and model, with the metric convention
+  (``settings.convention``: ``lits2017``, the LiTS organisers' scoring and the default for CT,
+  or ``medpy``, the default for MRI; ``kerasunet.lits_metrics``); per structure Dice, VOE,
+  RVD, ASSD, MSSD and RMSD (mm), voxel counts, lesion counts and the tumour burden
+  (``kerasunet.lits_scoring.metrics_row``).
+* ``summary.json``: the convention, and per model and structure Dice per case, global Dice,
+  mean ± std of every metric, lesion detection precision and recall and the tumour-burden
+  RMSE (``kerasunet.lits_scoring.summarize_cases``); the same for an all-background baseline,
+  so a report shows whether the models beat predicting nothing.
 * ``report.md``: the tables, with the overlay PNGs embedded by relative path.
 * ``overlays/<case>.png``: for the first ``n_overlays`` cases, the slice with the most true
   tumour: image, ground truth and every model's prediction side by side.
@@ -21,7 +26,6 @@ skipped with a reason. Every model segments the same cases through
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,15 +35,16 @@ import numpy as np
 
 from kerasunet.core.atomic import atomic_path, write_csv, write_json
 from kerasunet.figures import overlay_figure, pick_slice
-from kerasunet.lits_metrics import METRICS, case_metrics, summarize_structure
-from kerasunet.core.nifti import CaseFiles, VolumeError, find_cases, load_volume
+from kerasunet.lits_metrics import check_convention, default_convention
+from kerasunet.lits_scoring import (convention_note, csv_rows, finite_or_none, fmt, metrics_row, metrics_section,
+                                    score_volume, summarize_cases)
+from kerasunet.core.cases import LAYOUTS, MISSING_LABEL, CaseError, CaseFiles, find_cases, load_case
 from kerasunet.predict import PredictSettings, load_predictor, predict_volume
 from kerasunet.core.preprocessing import case_stats, normalize_np
 from kerasunet.core.records_format import MANIFEST_FILE
 
 BASELINE = "all-background"
 STRUCTURES = {"ct": ("liver", "tumour"), "mri": ("tumour",)}
-LESION_COUNTS = ("truth_lesions", "detected_lesions", "pred_lesions", "correct_lesions")
 
 
 class EvaluateError(ValueError):
@@ -54,15 +59,20 @@ class EvaluateSettings:
         predict: segmentation settings shared by all models (TTA, threshold, post-processing).
         n_overlays: cases that get an overlay figure (the first ones in case order).
         split: the manifest split evaluated when ``data`` is a records folder.
+        convention: metric convention, ``"lits2017"`` or ``"medpy"``
+            (``kerasunet.lits_metrics``); None: ``lits2017`` for CT data, ``medpy`` for MRI.
     """
 
     predict: PredictSettings = field(default_factory=PredictSettings)
     n_overlays: int = 3
     split: str = "test"
+    convention: str | None = None
 
     def __post_init__(self):
         if self.n_overlays < 0:
             raise ValueError(f"Expected n_overlays >= 0. Received: n_overlays={self.n_overlays}")
+        if self.convention is not None:
+            check_convention(self.convention)
 
 
 def name_models(paths) -> dict[str, Path]:
@@ -78,23 +88,38 @@ def name_models(paths) -> dict[str, Path]:
     return names
 
 
-def find_eval_cases(data, split: str = "test", phase: str = "artery") -> tuple[str, list[CaseFiles], list[dict]]:
+def find_eval_cases(data, split: str = "test", phase: str = "artery",
+                    records: bool | None = None) -> tuple[str, list[CaseFiles], list[dict]]:
     """The labelled cases of a records folder's split or of a volume folder.
+
+    Args:
+        data: a records folder or a folder of volumes with labels.
+        split: the manifest split (records folders).
+        phase: MRI image file stem (volume folders).
+        records: True: ``data`` must be a records folder (``evaluate --records``); False: a
+            folder of volumes (``--input``); None: a records folder if it holds a manifest.
 
     Returns:
         ``(modality, cases, skipped)`` with ``skipped`` a list of ``{"case", "reason"}``.
 
     Raises:
-        EvaluateError: the split is missing, or no case has a label.
+        EvaluateError: ``data`` is not the kind ``records`` asks for, the split is missing,
+            or no case has a label.
         VolumeError: ``data`` is not a folder, or holds no cases.
     """
     data = Path(data)
-    if (data / MANIFEST_FILE).exists():
+    has_manifest = (data / MANIFEST_FILE).exists()
+    if records and not has_manifest:
+        raise EvaluateError(f"{data}: no {MANIFEST_FILE}, so not a records folder "
+                            "(a folder of volumes with labels goes to --input)")
+    if records is False and has_manifest:
+        raise EvaluateError(f"{data}: holds {MANIFEST_FILE}, so it is a records folder (give it to --records)")
+    if has_manifest:
         modality, cases = manifest_cases(data, split)
     else:
         layout, cases = find_cases(data, phase)
-        modality = "ct" if layout == "lits" else "mri"
-    skipped = [{"case": c.case_id, "reason": "no label file"} for c in cases if c.label is None]
+        modality = LAYOUTS[layout].modality
+    skipped = [{"case": c.case_id, "reason": MISSING_LABEL} for c in cases if c.label is None]
     labelled = [c for c in cases if c.label is not None]
     if not labelled:
         raise EvaluateError(f"{data}: no labelled cases to evaluate ({len(cases)} cases, none with a label)")
@@ -125,32 +150,8 @@ def manifest_cases(records_dir: Path, split: str) -> tuple[str, list[CaseFiles]]
         raise EvaluateError(f"{path}: not a kerasunet records manifest (missing {exc})") from None
 
 
-def load_case(case: CaseFiles):
-    """Reads a case's image and label (canonical order); the label is rounded to uint8.
-
-    Raises:
-        VolumeError: a file is unreadable or the label's shape differs from the image's.
-    """
-    volume = load_volume(case.image)
-    label = load_volume(case.label)
-    if label.data.shape != volume.data.shape:
-        raise VolumeError(f"{case.label}: label shape {label.data.shape} differs from image shape {volume.data.shape}")
-    return volume, np.rint(label.data).astype(np.uint8)
-
-
-def metrics_row(case_id: str, model: str, metrics: dict[str, dict]) -> dict:
-    """One ``metrics.csv`` row: ``case, model`` then ``<structure>_<metric>`` columns."""
-    row = {"case": case_id, "model": model}
-    for structure, values in metrics.items():
-        for key in (*METRICS, "pred_voxels", "truth_voxels", *LESION_COUNTS):
-            if key in values:
-                column = f"{structure}_{key}" + ("_mm" if key in ("assd", "mssd") else "")
-                row[column] = values[key]
-    return row
-
-
 def evaluate(models: dict[str, str | Path], data, out_dir, settings: EvaluateSettings = EvaluateSettings(),
-             progress: Callable[[str], None] = print) -> dict:
+             progress: Callable[[str], None] = print, records: bool | None = None) -> dict:
     """Segments the held-out cases with every model and writes metrics, summary, report and figures.
 
     Args:
@@ -159,6 +160,7 @@ def evaluate(models: dict[str, str | Path], data, out_dir, settings: EvaluateSet
         out_dir: the report folder.
         settings: prediction and report settings.
         progress: receives one line per case.
+        records: what ``data`` must be (see :func:`find_eval_cases`); None decides by its manifest.
 
     Returns:
         The summary written to ``summary.json``.
@@ -170,22 +172,22 @@ def evaluate(models: dict[str, str | Path], data, out_dir, settings: EvaluateSet
     if not models:
         raise EvaluateError(f"{data}: no model to evaluate")
     out_dir = Path(out_dir)
-    modality, cases, skipped = find_eval_cases(data, settings.split, settings.predict.phase)
+    modality, cases, skipped = find_eval_cases(data, settings.split, settings.predict.phase, records)
     predictors = load_predictors(models, modality, data)
-    scores = score_cases(predictors, cases, modality, settings, out_dir / "overlays", progress)
+    convention = settings.convention or default_convention(modality)
+    scores = score_cases(predictors, cases, modality, settings, out_dir / "overlays", progress, convention)
     if not scores.evaluated:
         raise EvaluateError(f"{data}: none of the {len(cases)} labelled cases could be read")
-    summarize = {name: {"structures": {s: summarize_structure([m[s] for m in per_case]) for s in STRUCTURES[modality]}}
-                 for name, per_case in scores.per_case.items()}
-    summary = _finite_or_none({
-        "data": str(data), "modality": modality, "split": settings.split, "n_cases": len(scores.evaluated),
-        "cases": scores.evaluated, "skipped": skipped + scores.skipped, "settings": asdict(settings),
+    summarize = {name: summarize_cases(per_case, modality, convention) for name, per_case in scores.per_case.items()}
+    summary = finite_or_none({
+        "data": str(data), "modality": modality, "split": settings.split, "convention": convention,
+        "n_cases": len(scores.evaluated), "cases": scores.evaluated, "skipped": skipped + scores.skipped,
+        "settings": asdict(settings),
         "models": {name: {"path": str(models[name]), **summarize[name]} for name in predictors},
         "baselines": {BASELINE: summarize[BASELINE]},
         "overlays": [str(p.relative_to(out_dir)) for p in scores.overlays],
     })
-    write_csv(out_dir / "metrics.csv", [{k: "" if isinstance(v, float) and not math.isfinite(v) else v
-                                         for k, v in row.items()} for row in scores.rows])  # undefined: empty
+    write_csv(out_dir / "metrics.csv", csv_rows(scores.rows))  # undefined values: empty cells
     write_json(out_dir / "summary.json", summary)
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(render_report(summary, scores.rows))
@@ -220,23 +222,25 @@ class Scores:
 
 
 def score_cases(predictors: dict[str, tuple], cases: list[CaseFiles], modality: str, settings: EvaluateSettings,
-                overlay_dir: Path, progress: Callable[[str], None]) -> Scores:
-    """Reads each case once, segments it with every model and scores it; draws the first overlays."""
+                overlay_dir: Path, progress: Callable[[str], None], convention: str) -> Scores:
+    """Reads each case once, segments it with every model and scores it in ``convention`` (in the
+    image file's stored voxel order, as :func:`kerasunet.lits_scoring.score_volume`); draws the
+    first overlays."""
     scores = Scores(per_case={name: [] for name in [*predictors, BASELINE]})
     for i, case in enumerate(cases, 1):
         try:
-            volume, truth = load_case(case)
-        except VolumeError as exc:
+            volume, truth = load_case(case, modality)
+        except CaseError as exc:
             scores.skipped.append({"case": case.case_id, "reason": str(exc)})
             progress(f"[{i}/{len(cases)}] {case.case_id}: skipped: {exc}")
             continue
         predictions = {}
         for name, (net, info) in predictors.items():
             predictions[name], _ = predict_volume(net, info, volume, settings.predict)
-            metrics = case_metrics(predictions[name], truth, modality, volume.spacing)
+            metrics = score_volume(predictions[name], truth, volume, modality, convention)
             scores.per_case[name].append(metrics)
-            scores.rows.append(metrics_row(case.case_id, name, metrics))
-        scores.per_case[BASELINE].append(case_metrics(np.zeros_like(truth), truth, modality, volume.spacing))
+            scores.rows.append(metrics_row(case.case_id, name, metrics, convention))
+        scores.per_case[BASELINE].append(score_volume(np.zeros_like(truth), truth, volume, modality, convention))
         scores.evaluated.append(case.case_id)
         if len(scores.overlays) < settings.n_overlays:
             norm = next(iter(predictors.values()))[1].norm
@@ -261,69 +265,24 @@ def write_overlay(case_id: str, volume, truth: np.ndarray, predictions: dict[str
                           display_range=(float(window[0]), float(window[1])))
 
 
-def _finite_or_none(obj):
-    # JSON has no NaN/inf: undefined metrics become null.
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _mean_std(entry: dict, digits: int = 3) -> str:
-    if entry["mean"] is None:
-        return f"n/a ({entry['n_undefined']} undef.)"
-    text = f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
-    return text + (f" ({entry['n_undefined']} undef.)" if entry["n_undefined"] else "")
-
-
-def structure_table(summary: dict, structure: str) -> list[str]:
-    """Markdown table of one structure: one row per model and the baseline."""
-    header = ["model", "Dice per case", "global Dice", "VOE", "RVD", "ASSD (mm)", "MSSD (mm)"]
-    tumour = structure == "tumour"
-    if tumour:
-        header += ["lesion recall", "lesion precision"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    entries = [(n, m["structures"][structure]) for n, m in summary["models"].items()]
-    entries.append((f"baseline: {BASELINE}", summary["baselines"][BASELINE]["structures"][structure]))
-    for name, s in entries:
-        cells = [name, _fmt(s["dice_per_case"]), _fmt(s["global_dice"]), _mean_std(s["voe"]), _mean_std(s["rvd"]),
-                 _mean_std(s["assd"], 2), _mean_std(s["mssd"], 2)]
-        if tumour:
-            cells += [_fmt(s["lesion_recall"]), _fmt(s["lesion_precision"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def render_report(summary: dict, rows: list[dict]) -> str:
     """The ``report.md`` text: settings, one table per structure, per-case Dice, overlay figures."""
     structures = STRUCTURES[summary["modality"]]
     lines = [f"# Evaluation: {', '.join(summary['models'])}", "",
              f"- data: `{summary['data']}` ({summary['modality']}, split `{summary['split']}`), "
              f"{summary['n_cases']} cases evaluated, {len(summary['skipped'])} skipped",
-             "- metrics as in the LiTS benchmark (`kerasunet.lits_metrics`): VOE = 1 - Jaccard, "
-             "RVD = (|P| - |T|) / |T|, ASSD/MSSD in mm; mean ± std over cases, undefined values "
-             "(one mask empty) left out and counted",
+             convention_note(summary["convention"]),
              f"- predict: TTA {summary['settings']['predict']['tta']}, threshold "
              f"{summary['settings']['predict']['threshold']}, post-processing "
              f"{summary['settings']['predict']['postprocess']}", ""]
     for skip in summary["skipped"]:
         lines.append(f"- skipped `{skip['case']}`: {skip['reason']}")
-    for structure in structures:
-        lines += ["", f"## {structure.capitalize()}", "", *structure_table(summary, structure)]
+    lines += metrics_section(summary)
     lines += ["", "## Dice per case", "", "| case | model | " + " | ".join(structures) + " |",
               "|---|---|" + "---|" * len(structures)]
     for row in rows:
         lines.append(f"| {row['case']} | {row['model']} | "
-                     + " | ".join(_fmt(row[f"{s}_dice"]) for s in structures) + " |")
+                     + " | ".join(fmt(row[f"{s}_dice"]) for s in structures) + " |")
     if summary["overlays"]:
         lines += ["", "## Overlays", "", "Image, ground truth and each model's prediction on the axial slice "
                   "with the most tumour (radiological orientation; green liver, red tumour).", ""]

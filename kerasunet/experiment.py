@@ -9,12 +9,38 @@ larger than the spread between repeats.
 
 Layout of ``EXP_DIR``::
 
-    records/lits, records/mri     TFRecords (reused when their settings match)
+    records/lits, records/mri     TFRecords (their manifest holds their settings hash)
     runs/ct                       the CT model
     runs/mri-<mode>-<loss>-r<k>   MRI runs (A/B/C × repeats, plus the loss ablation)
-    eval/...                      evaluate outputs per run
-    report.md, figures/           the report
-    state.json                    finished steps (a killed experiment continues from here)
+    eval/...                      evaluate outputs per model group
+    report.md, results.json, figures/   the report
+    state.json                    per step: the hash of its settings, and whether it finished
+
+**Rerunning the command** continues or updates the experiment. The steps form a chain,
+records → CT run → MRI runs → evaluations → report, and each step is keyed on a hash of its
+own settings together with the identity of its inputs: the records on their
+``build-records`` settings hash; a training run on its ``TrainSettings`` (paths left out),
+the SHA-256 of its records' manifest and, for ``init``/``freeze``, the CT run's hash; an
+evaluation on its settings and the hashes of its records and models. On a rerun:
+
+* a step whose hash is unchanged is kept if it finished and continued if it was
+  interrupted (a training run resumes from its last checkpoint);
+* a step whose hash changed is rerun, with one line naming each changed setting and its
+  old and new values, and so is every step that takes its output. Changing
+  ``--epochs-ct`` retrains the CT model, every ``init``/``freeze`` MRI run and the
+  evaluations, but keeps the records and the ``scratch`` runs; changing ``--epochs-mri``
+  retrains the MRI runs and re-evaluates them, but keeps the records and the CT model.
+
+The experiment folder holds results derived from the command, so, as with ``make``, it is
+brought in line with the command that was run rather than refused: what ``report.md`` says
+is always what was trained. Use a new ``--out`` to keep an earlier experiment. A step that
+reruns never sees its old output: its folder is renamed away (atomically) and deleted
+first, so ``train`` starts in an empty folder and no run mixes checkpoints, history or
+``config.json`` of two settings. Steps recorded without a hash (a ``state.json`` of an older
+kerasunet) rerun.
+
+The report takes every training setting it prints from the runs' own ``config.json``
+(``train`` section), never from the command line.
 """
 
 from __future__ import annotations
@@ -22,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +57,23 @@ from typing import Callable
 import numpy as np
 
 from kerasunet.core.atomic import atomic_path, write_json
-from kerasunet.core.records_format import MANIFEST_FILE
+from kerasunet.core.choices import LOSSES, MODES
+from kerasunet.core.fingerprint import changed_settings, hash_settings
+from kerasunet.core.records_format import DEFAULT_WORKERS, MANIFEST_FILE, file_sha256
+from kerasunet.core.runs import CONFIG_FILE, MODEL_FILE
+from kerasunet.train_settings import TrainSettings
 
-MODES = {"A": "scratch", "B": "init", "C": "freeze"}
-MAIN_LABELS = tuple(f"{letter} ({mode})" for letter, mode in MODES.items())  # report rows of A, B, C
+LETTERS = dict(zip("ABC", MODES))  # A scratch, B init, C freeze
+MAIN_LABELS = tuple(f"{letter} ({mode})" for letter, mode in LETTERS.items())  # report rows of A, B, C
+# "masked" gates tumour by the liver channel, which the MRI models (tumour only) do not have.
+EXPERIMENT_LOSSES = tuple(loss for loss in LOSSES if loss != "masked")
+STATE_FILE = "state.json"
+STATE_VERSION = 2
+# TrainSettings fields that say where files are or how to start, not what is trained: left
+# out of a run's hash (its inputs enter by content hash instead) and of the report.
+LOCATION_FIELDS = ("records", "out", "pretrained", "resume")
+# Inputs of a step, by the hash of the step that made them; named, not listed, when changed.
+INPUTS = {"records": "records rebuilt", "pretrained": "CT model retrained", "models": "models retrained"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +116,7 @@ class ExperimentSettings:
     lits: Path
     mri: Path
     out: Path
-    config: str = "small"
+    preset: str = "small"
     repeats: int | None = None
     epochs_ct: int | None = None
     epochs_mri: int | None = None
@@ -84,22 +124,30 @@ class ExperimentSettings:
     ablation: bool = True
     phase: str = "artery"
     seed: int = 0
-    workers: int = 2
+    workers: int = DEFAULT_WORKERS
 
-    def preset(self) -> Preset:
-        base = PRESETS[self.config]
+    def hyperparameters(self) -> Preset:
+        """The preset with this command's overrides applied.
+
+        Raises:
+            ValueError: an unknown preset or loss, or fewer than one repeat.
+        """
+        if self.preset not in PRESETS:
+            raise ValueError(f"Expected preset in {tuple(sorted(PRESETS))}. Received: preset={self.preset!r}")
         overrides = {k: v for k, v in (("repeats", self.repeats), ("ct_epochs", self.epochs_ct),
                                        ("mri_epochs", self.epochs_mri), ("loss", self.loss))
                      if v is not None}
-        preset = dataclasses.replace(base, **overrides)
+        preset = dataclasses.replace(PRESETS[self.preset], **overrides)
         if preset.repeats < 1:
             raise ValueError(f"Expected repeats >= 1. Received: repeats={preset.repeats}")
+        if preset.loss not in EXPERIMENT_LOSSES:
+            raise ValueError(f"Expected loss in {EXPERIMENT_LOSSES}. Received: loss={preset.loss!r}")
         return preset
 
     @property
     def seeds(self) -> list[int]:
         """One seed per repeat; models A, B and C of a repeat share it (same data order)."""
-        return [self.seed + 1000 * r for r in range(self.preset().repeats)]
+        return [self.seed + 1000 * r for r in range(self.hyperparameters().repeats)]
 
 
 @dataclass(frozen=True)
@@ -113,12 +161,20 @@ class Run:
     repeat: int
 
 
+@dataclass(frozen=True)
+class Step:
+    """The output of a finished step: its folder and the hash that identifies its content."""
+
+    path: Path
+    digest: str
+
+
 def plan_runs(settings: ExperimentSettings) -> list[Run]:
     """The MRI runs: A/B/C for every repeat, plus the loss ablation on the scratch model."""
-    preset = settings.preset()
+    preset = settings.hyperparameters()
     runs = []
     for r in range(preset.repeats):
-        for mode, label in zip(MODES.values(), MAIN_LABELS):
+        for mode, label in zip(LETTERS.values(), MAIN_LABELS):
             runs.append(Run(f"mri-{mode}-{preset.loss}-r{r}", label, mode, preset.loss, r))
         if settings.ablation:
             for loss in preset.ablation_losses:
@@ -130,100 +186,190 @@ def plan_runs(settings: ExperimentSettings) -> list[Run]:
 def run_experiment(settings: ExperimentSettings, progress: Callable[[str], None] = print) -> Path:
     """Builds records, pretrains on CT, trains A/B/C on MRI, evaluates, writes ``report.md``.
 
-    Finished steps are recorded in ``state.json``; rerunning the same command continues a
-    killed experiment (an interrupted training run resumes from its last checkpoint).
+    Rerunning keeps the steps whose settings are unchanged and reruns the others (module
+    docstring).
 
     Returns:
         The path of ``report.md``.
+
+    Raises:
+        ValueError: bad settings, unusable data or an unreadable ``state.json``; the message
+            is one line.
     """
-    preset = settings.preset()
+    preset = settings.hyperparameters()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = _State(out / "state.json")
+    state = _State(out / STATE_FILE)
     started = time.perf_counter()
     records = {name: _build(src, name, out / "records" / name, settings, progress)
                for name, src in (("lits", settings.lits), ("mri", settings.mri))}
-    ct_run = _train(state, out / "runs" / "ct", progress, records=records["lits"], mode="scratch",
-                    epochs=preset.ct_epochs, batch_size=preset.ct_batch_size, lr=preset.ct_lr,
-                    loss=preset.loss, seed=settings.seed, preset=preset)
+    common = dict(filters=preset.filters, depth=preset.depth, augment=preset.augment,
+                  schedule=preset.schedule, oversample_tumour=preset.oversample_tumour)
+    ct = _train(state, out / "runs" / "ct", records["lits"], progress, mode="scratch",
+                epochs=preset.ct_epochs, batch_size=preset.ct_batch_size, lr=preset.ct_lr,
+                loss=preset.loss, seed=settings.seed, **common)
     runs = plan_runs(settings)
+    trained = {}
     for i, run in enumerate(runs, 1):
         progress(f"== MRI run {i}/{len(runs)}: {run.label}, repeat {run.repeat + 1} ==")
-        _train(state, out / "runs" / run.name, progress, records=records["mri"], mode=run.mode,
-               pretrained=None if run.mode == "scratch" else ct_run, epochs=preset.mri_epochs,
-               batch_size=preset.mri_batch_size, lr=preset.mri_lr, loss=run.loss,
-               seed=settings.seeds[run.repeat], preset=preset)
-    ct_eval = _evaluate(state, "eval/ct", {"CT": ct_run}, records["lits"], out, 2, progress)
+        trained[run.name] = _train(state, out / "runs" / run.name, records["mri"], progress, mode=run.mode,
+                                   pretrained=None if run.mode == "scratch" else ct,
+                                   epochs=preset.mri_epochs, batch_size=preset.mri_batch_size,
+                                   lr=preset.mri_lr, loss=run.loss, seed=settings.seeds[run.repeat], **common)
+    ct_eval = _evaluate(state, "eval/ct", {"CT": ct}, records["lits"], out, 2, progress)
     mri_evals = []
     for r in range(preset.repeats):
-        models = {run.label: out / "runs" / run.name for run in runs if run.repeat == r}
+        models = {run.label: trained[run.name] for run in runs if run.repeat == r}
         mri_evals.append(_evaluate(state, f"eval/mri-r{r}", models, records["mri"], out,
                                    3 if r == 0 else 0, progress))
-    report = write_report(settings, out, runs, ct_eval, mri_evals, time.perf_counter() - started)
+    report = write_report(out, runs, ct_eval, mri_evals, time.perf_counter() - started)
     progress(f"report: {report}")
     return report
 
 
 class _State:
-    """``state.json``: which steps finished, so a rerun skips them."""
+    """``state.json``: per step key, the hash and settings it ran with and whether it finished."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.done = json.loads(path.read_text()) if path.exists() else {}
+        data = {}
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{path}: unreadable ({exc}); delete it to rerun every step") from None
+        # an older state.json recorded no hashes: its steps cannot be checked, so they rerun
+        self.steps = data.get("steps", {}) if data.get("version") == STATE_VERSION else {}
 
-    def mark(self, key: str, value) -> None:
-        self.done[key] = value
-        write_json(self.path, self.done)
+    def start(self, key: str, digest: str, settings: dict) -> None:
+        self.steps[key] = {"hash": digest, "settings": settings, "done": False}
+        self._write()
+
+    def finish(self, key: str) -> None:
+        self.steps[key]["done"] = True
+        self._write()
+
+    def _write(self) -> None:
+        write_json(self.path, {"version": STATE_VERSION, "steps": self.steps})
 
 
-def _build(source: Path, dataset: str, out: Path, settings: ExperimentSettings, progress) -> Path:
-    # build_records is itself resumable and a no-op when a finished build's settings match.
-    from tfrecords_builder.build import BuildSettings, build_records
+def _begin(state: _State, key: str, folder: Path, settings: dict, products, progress) -> tuple[str, bool]:
+    """Decides whether step ``key`` (writing ``folder``) can be kept, continued or must rerun.
+
+    Args:
+        settings: the step's own settings and the hashes of its inputs (JSON-serialisable).
+        products: files that must exist for a finished step to be kept.
+
+    Returns:
+        ``(hash, done)``: ``done`` means the step finished with these settings and is kept;
+        otherwise the step is to run, in its own folder when it was interrupted with these
+        settings, else in an emptied folder.
+    """
+    digest = hash_settings(settings)
+    entry = state.steps.get(key)
+    if entry is None:
+        reason = f"{folder} has no recorded settings" if folder.exists() else None
+    elif entry["hash"] != digest:
+        reason = f"settings changed ({_describe_changes(entry['settings'], settings)})"
+    elif not entry["done"]:
+        return digest, False
+    elif all(Path(p).exists() for p in products):
+        return digest, True
+    else:
+        reason = f"its output in {folder} is missing"
+    if reason:
+        progress(f"{key}: {reason}; rerunning it")
+    _clear(folder)
+    state.start(key, digest, settings)
+    return digest, False
+
+
+def _describe_changes(old: dict, new: dict) -> str:
+    own = changed_settings(old, new, ignore=INPUTS)
+    return ", ".join(own + [text for name, text in INPUTS.items() if old.get(name) != new.get(name)])
+
+
+def _clear(folder: Path) -> None:
+    """Deletes ``folder`` after renaming it away, so its name never holds a half-deleted step."""
+    trash = folder.with_name(f".replaced-{folder.name}")
+    if trash.exists():  # left by a rerun killed while deleting
+        shutil.rmtree(trash)
+    if folder.exists():
+        folder.rename(trash)
+        shutil.rmtree(trash)
+
+
+def _build(source: Path, dataset: str, out: Path, settings: ExperimentSettings, progress) -> Step:
+    # build_records keeps its settings hash in the manifest (or its build state while
+    # unfinished) and is a no-op for a finished build with the same settings.
+    from tfrecords_builder.build import RUN_ONLY, BuildSettings, build_records
+    from tfrecords_builder.build import STATE_FILE as BUILD_STATE
 
     progress(f"== records: {dataset} from {source} ==")
-    build_records(BuildSettings(source=str(source), dataset=dataset, out=str(out), phase=settings.phase,
-                                seed=settings.seed, holdout="last", val_fraction=0.2,
-                                test_fraction=0.25, workers=settings.workers),
-                  log=progress)
+    phase = {"phase": settings.phase} if dataset == "mri" else {}  # CT has no phase: not in its hash
+    build = BuildSettings(source=str(source), dataset=dataset, out=str(out), seed=settings.seed, holdout="last",
+                          val_fraction=0.2, test_fraction=0.25, workers=settings.workers, **phase)
+    previous = _previous_build(out, BUILD_STATE)
+    if previous is not None and previous.get("settings_hash") != build.settings_hash():
+        changes = ", ".join(changed_settings(previous.get("settings", {}), build.to_dict(), ignore=RUN_ONLY))
+        progress(f"records:{dataset}: settings changed ({changes or 'source folder'}); rebuilding them")
+        build = dataclasses.replace(build, overwrite=True)
+    build_records(build, log=progress)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     counts = ", ".join(f"{split} {len(v['cases'])} cases / {v['num_examples']} slices"
                        for split, v in manifest["splits"].items())
     progress(f"{dataset}: {counts}; skipped {len(manifest['skipped'])}: "
              + "; ".join(f"{s['case_id']} ({s['reason']})" for s in manifest["skipped"]))
-    return out
+    return Step(out, file_sha256(out / MANIFEST_FILE))
 
 
-def _train(state: _State, run_dir: Path, progress, *, records: Path, mode: str, epochs: int,
-           batch_size: int, lr: float, loss: str, seed: int, preset: Preset,
-           pretrained: Path | None = None) -> Path:
-    from kerasunet.train import TrainSettings, train
+def _previous_build(out: Path, build_state: str) -> dict | None:
+    """The manifest (finished) or build state (unfinished) in ``out``; ``{}`` if unreadable."""
+    for name in (MANIFEST_FILE, build_state):
+        if (out / name).exists():
+            try:
+                return json.loads((out / name).read_text())
+            except (OSError, ValueError):
+                return {}
+    return None
 
+
+def _train(state: _State, run_dir: Path, records: Step, progress, pretrained: Step | None = None,
+           **fields) -> Step:
+    """One training run, keyed on its TrainSettings, its records and its pretrained model."""
+    from kerasunet.train import train
+
+    settings = TrainSettings(records=str(records.path), out=str(run_dir), resume=True,
+                             pretrained=None if pretrained is None else str(pretrained.path), **fields)
+    own = {k: v for k, v in settings.to_dict().items() if k not in LOCATION_FIELDS}
     key = f"train:{run_dir.name}"
-    if key in state.done:
-        progress(f"{run_dir.name}: finished earlier, skipped")
-        return run_dir
-    settings = TrainSettings(records=str(records), out=str(run_dir), mode=mode,
-                             pretrained=None if pretrained is None else str(pretrained), epochs=epochs,
-                             batch_size=batch_size, lr=lr, loss=loss, filters=preset.filters,
-                             depth=preset.depth, augment=preset.augment, schedule=preset.schedule,
-                             oversample_tumour=preset.oversample_tumour, seed=seed, resume=True)
-    train(settings, progress=progress)
-    state.mark(key, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    return run_dir
+    digest, done = _begin(state, key, run_dir,
+                          {**own, "records": records.digest, "pretrained": pretrained and pretrained.digest},
+                          (run_dir / MODEL_FILE, run_dir / CONFIG_FILE), progress)
+    if done:
+        progress(f"{run_dir.name}: finished earlier with these settings, skipped")
+    else:
+        train(settings, progress=progress)
+        state.finish(key)
+    return Step(run_dir, digest)
 
 
-def _evaluate(state: _State, name: str, models: dict, records: Path, out: Path, n_overlays: int,
+def _evaluate(state: _State, name: str, models: dict[str, Step], records: Step, out: Path, n_overlays: int,
               progress) -> dict:
+    """Evaluates ``models`` (label -> run) on the test split, keyed on them and the records."""
     from kerasunet.evaluate import EvaluateSettings, evaluate
 
-    key = f"evaluate:{name}"
-    summary_path = out / name / "summary.json"
-    if key in state.done and summary_path.exists():
-        return json.loads(summary_path.read_text())
+    settings = EvaluateSettings(n_overlays=n_overlays)
+    key, folder = f"evaluate:{name}", out / name
+    step = {**json.loads(json.dumps(dataclasses.asdict(settings))), "records": records.digest,
+            "models": {label: run.digest for label, run in models.items()}}
+    _, done = _begin(state, key, folder, step, (folder / "summary.json",), progress)
+    if done:
+        return json.loads((folder / "summary.json").read_text())
     progress(f"== evaluate {name}: {', '.join(models)} ==")
-    summary = evaluate(models, records, out / name, EvaluateSettings(n_overlays=n_overlays),
+    summary = evaluate({label: run.path for label, run in models.items()}, records.path, folder, settings,
                        progress=progress)
-    state.mark(key, {"summary": str(summary_path.relative_to(out))})
+    state.finish(key)
     return summary
 
 
@@ -312,54 +458,84 @@ def _timing(run_dir: Path) -> list[float]:
     return [row["seconds"] for row in read_history(run_dir / "timing.csv") if "seconds" in row]
 
 
-def write_report(settings: ExperimentSettings, out: Path, runs: list[Run], ct_eval: dict,
-                 mri_evals: list[dict], seconds: float) -> Path:
-    """Writes ``report.md``, its figures and ``results.json``; returns the report path."""
+def run_settings(out: Path, runs: list[Run]) -> dict[str, dict]:
+    """Run folder name -> the ``train`` section of its ``config.json`` (``ct`` first).
+
+    Raises:
+        ValueError: a run has no readable ``config.json``; the message names it.
+    """
+    settings = {}
+    for name in ["ct", *(run.name for run in runs)]:
+        path = out / "runs" / name / CONFIG_FILE
+        try:
+            settings[name] = json.loads(path.read_text())["train"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a readable run config ({type(exc).__name__}: {exc})") from None
+    return settings
+
+
+def settings_table(settings: dict[str, dict], runs: list[Run]) -> str:
+    """Markdown table: one row per training setting, one column for CT and per MRI label.
+
+    A cell lists the distinct values over the label's repeats (the seeds differ by design).
+    """
+    columns = {"CT": [settings["ct"]]}
+    for run in runs:
+        columns.setdefault(run.label, []).append(settings[run.name])
+    keys = dict.fromkeys(k for configs in columns.values() for config in configs for k in config
+                         if k not in LOCATION_FIELDS)
+    rows = ["| setting | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key in keys:
+        cells = [", ".join(dict.fromkeys(f"`{config.get(key)}`" for config in configs))
+                 for configs in columns.values()]
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_report(out: Path, runs: list[Run], ct_eval: dict, mri_evals: list[dict], seconds: float) -> Path:
+    """Writes ``report.md``, its figures and ``results.json``; returns the report path.
+
+    Every training setting in them is read from the runs' ``config.json``.
+    """
     from kerasunet.curves import plot_learning_curves, read_history
     from kerasunet.evaluate import BASELINE
 
-    preset = settings.preset()
+    settings = run_settings(out, runs)
     figures = out / "figures"
     histories: dict[str, list[list[dict]]] = {}
     for run in runs:
         histories.setdefault(run.label, []).append(read_history(out / "runs" / run.name / "history.csv"))
+    repeats = max(len(h) for h in histories.values())
     main = {k: v for k, v in histories.items() if k in MAIN_LABELS}
     ablation = {k: v for k, v in histories.items() if k.startswith("A (")}
     plot_learning_curves(main, figures / "learning_curves.png",
-                         title=f"MRI tumour models, mean and min-max over {preset.repeats} repeat(s)")
+                         title=f"MRI tumour models, mean and min-max over {repeats} repeat(s)")
     if len(ablation) > 1:
         plot_learning_curves(ablation, figures / "loss_ablation.png", title="Loss ablation (model A)")
     results = mri_results(runs, mri_evals)
     ct = {s: {key: _metric(ct_eval, "CT", s, key) for key, _ in TABLE_METRICS} for s in ("liver", "tumour")}
-    text = _report_text(settings, preset, runs, results, ct, ct_eval, mri_evals, histories, out, seconds,
-                        ablation_figure=len(ablation) > 1)
+    text = _report_text(settings_table(settings, runs), repeats, runs, results, ct, ct_eval, mri_evals,
+                        histories, out, seconds, ablation_figure=len(ablation) > 1)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(text)
     write_json(out / "results.json", {"seconds": seconds, "mri": results, "ct": ct,
-                                      "baseline": BASELINE, "settings": _settings_dict(settings)})
+                                      "baseline": BASELINE, "settings": settings})
     return out / "report.md"
 
 
-def _settings_dict(settings: ExperimentSettings) -> dict:
-    return {**{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()},
-            "preset": dataclasses.asdict(settings.preset())}
-
-
-def _report_text(settings, preset, runs, results, ct, ct_eval, mri_evals, histories, out, seconds,
+def _report_text(table, repeats, runs, results, ct, ct_eval, mri_evals, histories, out, seconds,
                  ablation_figure) -> str:
     from kerasunet.evaluate import BASELINE
 
     lines = ["# CT → MRI transfer experiment", "",
-             f"Config `{settings.config}`, {preset.repeats} repeat(s), total time {seconds / 60:.1f} min.", "",
-             "## Settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | `{v}` |" for k, v in _settings_dict(settings).items()
-              if k != "preset" and v is not None]  # None = the preset's value, listed below
-    lines += [f"| {k} | `{v}` |" for k, v in dataclasses.asdict(preset).items()]
-    lines += ["", "## What this shows", "", what_this_shows(results, preset.repeats, histories), "",
-              "## Learning curves", "",
-              "Training (solid) and validation (dashed) loss and Dice per epoch; line = mean over repeats, "
-              "band = min to max (the research's figure 10, with repeats).", "",
-              "![learning curves](figures/learning_curves.png)", ""]
+             f"{repeats} repeat(s) per MRI model, total time {seconds / 60:.1f} min.", "",
+             "## Settings", "", "Training settings as recorded in each run's `runs/*/config.json`.", "",
+             table, "",
+             "## What this shows", "", what_this_shows(results, repeats, histories), "",
+             "## Learning curves", "",
+             "Training (solid) and validation (dashed) loss and Dice per epoch; line = mean over repeats, "
+             "band = min to max (the research's figure 10, with repeats).", "",
+             "![learning curves](figures/learning_curves.png)", ""]
     if ablation_figure:
         lines += ["Loss ablation on the scratch model (the research used BCE alone):", "",
                   "![loss ablation](figures/loss_ablation.png)", ""]

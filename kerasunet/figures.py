@@ -1,4 +1,5 @@
-"""Overlay figures: image, ground truth and predictions side by side (as figures 11-13 of the research).
+"""Slice figures: overlays of image, ground truth and predictions side by side (as figures 11-13 of
+the research), and grids of stored training examples (``inspect-records --show``).
 
 Slices are canonical axial slices ``volume[:, :, k]`` (rows = canonical x, columns = y). They are
 shown in radiological display orientation: anterior at the top and the patient's right on the
@@ -61,6 +62,27 @@ def colour_labels(labels: np.ndarray, modality: str) -> np.ndarray:
     return rgba
 
 
+def draw_slice(ax, image_slice: np.ndarray, label_slice: np.ndarray | None, modality: str,
+               display_range: tuple[float, float] | None = None) -> None:
+    """Draws a canonical slice in display orientation, its labels coloured on top, no axes.
+
+    Every figure of a slice goes through here, so all show it the same way (:func:`display`).
+
+    Args:
+        ax: the matplotlib axes.
+        image_slice: canonical ``(x, y)`` image slice.
+        label_slice: canonical label slice of the same shape, or None for the image alone.
+        modality: label convention and colours ("ct" or "mri").
+        display_range: grey-level window; default the slice's 1st-99th percentiles.
+    """
+    image = display(image_slice)
+    vmin, vmax = display_range or tuple(np.percentile(image, [1, 99]))
+    ax.imshow(image, cmap="gray", vmin=vmin, vmax=max(vmax, vmin + 1e-6), interpolation="nearest")
+    if label_slice is not None:
+        ax.imshow(colour_labels(display(label_slice), modality), interpolation="nearest")
+    ax.axis("off")
+
+
 def overlay_figure(image_slice: np.ndarray, truth_slice: np.ndarray, predictions: dict[str, np.ndarray],
                    path, title: str | None = None, modality: str = "ct",
                    display_range: tuple[float, float] | None = None) -> Path:
@@ -83,16 +105,49 @@ def overlay_figure(image_slice: np.ndarray, truth_slice: np.ndarray, predictions
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    image = display(image_slice)
-    vmin, vmax = display_range or tuple(np.percentile(image, [1, 99]))
     panels = [("image", None), ("ground truth", truth_slice), *predictions.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
     for ax, (name, labels) in zip(axes[0], panels):
-        ax.imshow(image, cmap="gray", vmin=vmin, vmax=max(vmax, vmin + 1e-6), interpolation="nearest")
-        if labels is not None:
-            ax.imshow(colour_labels(display(labels), modality), interpolation="nearest")
+        draw_slice(ax, image_slice, labels, modality, display_range)
         ax.set_title(name, fontsize=9)
-        ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def save_example_grid(examples: list[dict], modality: str, path, columns: int = 4) -> Path:
+    """Writes a PNG grid of stored examples (centre channel, normalised) with their labels overlaid.
+
+    The slices are shown as the ``evaluate`` overlays show them (:func:`draw_slice`).
+
+    Args:
+        examples: dicts from :func:`kerasunet.data.load_split_examples`: ``image`` raw
+            ``(H, W, C)`` canonical slices, ``label``, ``norm_stats`` and ``key``.
+        modality: "ct" or "mri" (label convention and colours).
+        path: the PNG to write (atomically).
+        columns: images per row.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: no example.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kerasunet.core.preprocessing import normalize_np
+
+    if not examples:
+        raise ValueError("Expected at least one example to show. Received: 0 examples")
+    rows = -(-len(examples) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, ex in zip(axes.ravel(), examples):
+        centre = ex["image"][..., ex["image"].shape[-1] // 2]
+        draw_slice(ax, normalize_np(centre, ex["norm_stats"]), ex["label"], modality)
+        ax.set_title(ex["key"], fontsize=8)
+    return save_figure(fig, path, dpi=80)

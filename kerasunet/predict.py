@@ -14,7 +14,12 @@ model trained with a fixed ``image_size`` (the reader then *resizes*, bilinear) 
 resized to that size and its probabilities resized back (bilinear) before thresholding. With
 ``tta`` the probabilities are averaged over four flips (none, height, width, both), each
 un-flipped before averaging. Labels come from ``labels.labels_from_probabilities_np`` and are
-then post-processed (``kerasunet.postprocess``).
+then post-processed (``kerasunet.postprocess``), both in :func:`final_labels`.
+
+A model served by TF Serving (``predict_path_served``) returns the probabilities of the same
+preprocessing, done in its exported graph (``kerasunet.export``); :func:`final_labels` then
+runs here as for a local model, so served and local masks are the same. TTA needs the local
+model.
 
 Output naming for a folder input (``predict_path``):
 
@@ -40,7 +45,8 @@ from typing import Callable
 import numpy as np
 
 from kerasunet.core.labels import OUTPUTS, labels_from_probabilities_np
-from kerasunet.core.nifti import Volume, VolumeError, find_cases, is_nifti, load_volume, save_like, strip_nifti_suffix
+from kerasunet.core.cases import find_cases, load_image
+from kerasunet.core.nifti import Volume, VolumeError, is_nifti, save_like, strip_nifti_suffix
 from kerasunet.postprocess import PostprocessSettings, postprocess
 from kerasunet.core.preprocessing import case_stats, normalize_np
 from kerasunet.core.runs import RunInfo, load_model, resolve_run
@@ -183,9 +189,45 @@ def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettin
         out = model_probabilities(model, batch, settings.tta, settings.batch_size)
         probs[indices] = resize(out, (height, width)) if resize_to else out[:, :height, :width, :]
     probs = np.moveaxis(probs, 0, 2)
-    labels = labels_from_probabilities_np(probs, info.modality, settings.threshold)
-    labels = postprocess(labels, info.modality, volume.spacing, settings.postprocess)
-    return labels, probs
+    return final_labels(probs, info.modality, volume.spacing, settings), probs
+
+
+def final_labels(probs: np.ndarray, modality: str, spacing, settings: PredictSettings) -> np.ndarray:
+    """Thresholded, post-processed uint8 labels of probabilities ``(x, y, z, N)``.
+
+    The one rule after the network, for local (:func:`predict_volume`) and served
+    (:func:`predict_volume_served`) models alike, so both give the same masks.
+    """
+    labels = labels_from_probabilities_np(probs, modality, settings.threshold)
+    return postprocess(labels, modality, spacing, settings.postprocess)
+
+
+def predict_volume_served(served, volume: Volume, settings: PredictSettings = PredictSettings(),
+                          timeout: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """Segments one volume with a TF Serving model: :func:`predict_volume` for a served model.
+
+    The server returns probabilities (its graph normalises and pads as the run did); the
+    threshold and the post-processing are applied here by :func:`final_labels`.
+
+    Args:
+        served: the ``serving_client.RemoteModel`` of ``serving_client.fetch_model``.
+        volume: the input, canonical order.
+        settings: batch size (slices per request), threshold and post-processing; ``tta``
+            must be False (the served graph has no flips).
+        timeout: seconds to wait for each answer.
+
+    Returns:
+        ``(labels, probabilities)`` as :func:`predict_volume` returns them.
+
+    Raises:
+        ValueError: ``settings.tta`` is True.
+        ServingError: the server fails (see ``serving_client.predict_probabilities``).
+    """
+    from kerasunet.serving_client import predict_probabilities
+
+    _check_servable(settings)
+    probs = predict_probabilities(served, volume.data, settings.batch_size, timeout)
+    return final_labels(probs, served.modality, volume.spacing, settings), probs
 
 
 def output_name(image: Path) -> str:
@@ -281,33 +323,56 @@ def predict_path(model, input_path, output_path, settings: PredictSettings = Pre
     """
     jobs = plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities)
     net, info = load_predictor(model)
+    return run_jobs(jobs, _segment_job(lambda volume: predict_volume(net, info, volume, settings)), progress)
+
+
+def predict_path_served(server: str, model_name: str, input_path, output_path,
+                        settings: PredictSettings = PredictSettings(), version: int | None = None,
+                        timeout: float = 60.0, progress: Callable[[str], None] = print) -> PredictResult:
+    """Like :func:`predict_path`, but each volume is segmented by a TF Serving model.
+
+    The masks equal :func:`predict_path`'s for the same model and settings: the threshold and
+    post-processing run here on the served probabilities (:func:`predict_volume_served`).
+
+    Args:
+        server: e.g. ``http://localhost:8501`` (the REST port).
+        model_name: the served model's name (``saved_models/NAME``).
+        input_path: a ``.nii``/``.nii.gz`` file or a folder in the LiTS or MRI layout.
+        output_path: a mask file (single input) or a folder; see the module docstring.
+        settings: as for :func:`predict_path`, with ``tta`` False.
+        version: a specific version; default the server's latest.
+        timeout: seconds to wait for each answer.
+        progress: receives one line per volume.
+
+    Raises:
+        ValueError: ``settings.tta`` is True.
+        ServingError: the server cannot be reached or does not serve the model (a failure
+            while segmenting one volume fails only that volume).
+        VolumeError: the input path itself is unusable (missing, no cases).
+    """
+    from kerasunet.serving_client import ServingError, fetch_model
+
+    _check_servable(settings)
+    jobs = plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities)
+    served = fetch_model(server, model_name, version, timeout=timeout)
+    return run_jobs(jobs, _segment_job(lambda volume: predict_volume_served(served, volume, settings, timeout)),
+                    progress, errors=(VolumeError, OSError, ServingError))
+
+
+def _check_servable(settings: PredictSettings) -> None:
+    if settings.tta:
+        raise ValueError("Expected tta=False for a served model (its graph has no flips). Received: tta=True")
+
+
+def _segment_job(segment: Callable[[Volume], tuple[np.ndarray, np.ndarray]]) -> Callable[[Job], str]:
+    """A ``run_jobs`` step: read the job's volume, ``segment`` it, write its mask (and probabilities)."""
 
     def predict_one(job: Job) -> str:
-        volume = load_volume(job.image)
-        labels, probs = predict_volume(net, info, volume, settings)
+        volume = load_image(job.image)
+        labels, probs = segment(volume)
         save_like(labels, volume, job.output, dtype=np.uint8)
         if job.probabilities is not None:
             save_like(probs, volume, job.probabilities, dtype=np.float32)
         return f"{volume.data.shape[2]} slices"
 
-    return run_jobs(jobs, predict_one, progress)
-
-
-def predict_path_remote(server: str, model_name: str, input_path, output_path, version: int | None = None,
-                        batch_size: int = 16, timeout: float = 60.0, phase: str = "artery",
-                        progress: Callable[[str], None] = print) -> PredictResult:
-    """Like :func:`predict_path`, but each volume is segmented by a TF Serving model.
-
-    The served graph normalises and labels (``kerasunet.export``); masks are written as the
-    server returns them, without local post-processing or probability maps.
-    """
-    from kerasunet.serving_client import ServingError, predict_volume_remote
-
-    jobs = plan_jobs(input_path, output_path, phase)
-
-    def predict_one(job: Job) -> str:
-        predict_volume_remote(job.image, job.output, server, model_name, version=version,
-                              batch_size=batch_size, timeout=timeout)
-        return f"served by {model_name}"
-
-    return run_jobs(jobs, predict_one, progress, errors=(VolumeError, OSError, ServingError))
+    return predict_one

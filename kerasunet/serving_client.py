@@ -1,18 +1,19 @@
-"""Segment a NIfTI volume with a model served by TF Serving, over its REST API.
+"""Ask a model served by TF Serving for the probabilities of a volume, over its REST API.
 
 The client needs no knowledge of the training settings: it asks the server for the
-model's metadata, reads the input channels ``C = 2K+1`` of the ``image`` input, builds
-the 2.5D stacks itself (slice ``k`` with its ``K`` neighbours on each side, edge slices
-replicating the border slice, as the records builder does) and sends raw intensities.
-Normalisation, padding and labelling happen in the exported graph (``kerasunet.export``).
+model's metadata, reads the input channels ``C = 2K+1`` of the ``image`` input and the
+output channels ``N`` of ``probabilities`` (2 CT, 1 MRI: ``labels.OUTPUTS``), builds the
+2.5D stacks itself (``core.stacking.stack_slices``, the builder's convention) and sends raw
+intensities. Normalisation and padding happen in the exported graph (``kerasunet.export``).
+The served ``probabilities`` come back; thresholding and post-processing happen on the
+client, in :func:`kerasunet.predict.predict_volume_served`, exactly as for a local model.
 
 MRI models normalise with statistics of the whole request, so a request must hold one
-whole case. kerasunet models with one output channel are MRI models (``labels.OUTPUTS``):
-their volume is sent in ONE request when it has at most ``max_case_voxels`` voxels, else
-in batches with a warning, as each batch is then normalised on its own. CT models use a
-fixed window, so any batching gives the same labels.
+whole case: an MRI volume is sent in ONE request when it has at most ``max_case_voxels``
+voxels, else in batches with a warning, as each batch is then normalised on its own. CT
+models use a fixed window, so any batching gives the same probabilities.
 
-Only numpy, nibabel and the standard library are used (no TensorFlow).
+Only numpy and the standard library are used (no TensorFlow, no NIfTI I/O).
 """
 
 from __future__ import annotations
@@ -24,17 +25,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from kerasunet.core.labels import OUTPUTS
-from kerasunet.core.nifti import load_volume, save_like
 from kerasunet.core.stacking import stack_slices
+from kerasunet.export import INPUT_NAME, OUTPUT_NAMES, SIGNATURE  # the export's contract (no TensorFlow)
 
 MAX_CASE_VOXELS = 8_000_000
-INPUT_NAME = "image"
-MASK_OUTPUT = "mask"
+PROBABILITIES_OUTPUT, MASK_OUTPUT = OUTPUT_NAMES
 
 
 class ServingError(RuntimeError):
@@ -57,19 +56,26 @@ class RemoteModel:
         url: ``{server}/v1/models/NAME[/versions/V]``.
         channels: input channels ``2K+1`` of the ``image`` input.
         num_outputs: channels of the ``probabilities`` output (2 CT, 1 MRI).
+        signature: the signature called.
     """
 
     url: str
     channels: int
     num_outputs: int
+    signature: str = SIGNATURE
 
     @property
     def context(self) -> int:
         return (self.channels - 1) // 2
 
     @property
+    def modality(self) -> str:
+        """``ct`` or ``mri``: the modality whose outputs (``labels.OUTPUTS``) the model has."""
+        return next(m for m, names in OUTPUTS.items() if len(names) == self.num_outputs)
+
+    @property
     def one_case_per_request(self) -> bool:
-        return self.num_outputs == len(OUTPUTS["mri"])
+        return self.modality == "mri"
 
 
 def model_url(server: str, model_name: str, version: int | None = None) -> str:
@@ -128,12 +134,13 @@ def _dims(tensor_info: dict) -> list[int]:
 
 
 def fetch_model(server: str, model_name: str, version: int | None = None,
-                signature: str = "serving_default", timeout: float = 60.0) -> RemoteModel:
+                signature: str = SIGNATURE, timeout: float = 60.0) -> RemoteModel:
     """Reads the model's metadata and the shapes of its ``image`` input and outputs.
 
     Raises:
         ServingError: unknown model or version (404), no such signature, or a signature
-            that is not a kerasunet export (no ``image`` input / ``probabilities``, ``mask``).
+            that is not a kerasunet export (no ``image`` input / ``probabilities``, ``mask``
+            outputs, or a number of output channels no modality has).
     """
     url = model_url(server, model_name, version)
     try:
@@ -152,14 +159,18 @@ def fetch_model(server: str, model_name: str, version: int | None = None,
     sig = signatures[signature]
     try:
         channels = _dims(sig["inputs"][INPUT_NAME])[-1]
-        num_outputs = _dims(sig["outputs"]["probabilities"])[-1]
+        num_outputs = _dims(sig["outputs"][PROBABILITIES_OUTPUT])[-1]
         sig["outputs"][MASK_OUTPUT]
     except (KeyError, TypeError, ValueError, IndexError):
         raise ServingError(f"{url}/metadata: signature {signature!r} is not a kerasunet export "
                            "(expected input 'image' and outputs 'probabilities', 'mask')") from None
     if channels < 1 or channels % 2 == 0:
         raise ServingError(f"{url}/metadata: input 'image' has {channels} channels; expected 2K+1 (odd)")
-    return RemoteModel(url=url, channels=channels, num_outputs=num_outputs)
+    counts = sorted({len(names) for names in OUTPUTS.values()})
+    if num_outputs not in counts:
+        raise ServingError(f"{url}/metadata: output 'probabilities' has {num_outputs} channels; "
+                           f"expected one of {counts} (CT liver+tumour, MRI tumour)")
+    return RemoteModel(url=url, channels=channels, num_outputs=num_outputs, signature=signature)
 
 
 def plan_batches(num_slices: int, slice_voxels: int, batch_size: int, model: RemoteModel,
@@ -176,53 +187,44 @@ def plan_batches(num_slices: int, slice_voxels: int, batch_size: int, model: Rem
     return [range(s, min(s + batch_size, num_slices)) for s in range(0, num_slices, batch_size)]
 
 
-def predict_batch(model: RemoteModel, images: np.ndarray, signature: str, timeout: float) -> np.ndarray:
-    """Sends one columnar predict request and returns its uint8 mask ``[b, X, Y]``.
+def predict_batch(model: RemoteModel, images: np.ndarray, timeout: float) -> np.ndarray:
+    """Sends one columnar predict request and returns its float32 probabilities ``[b, X, Y, N]``.
 
     Raises:
-        ServingError: the request fails or the answer has no mask of the right shape.
+        ServingError: the request fails or the answer has no probabilities of the right shape.
     """
     url = f"{model.url}:predict"
-    answer = call(url, {"signature_name": signature, "inputs": {INPUT_NAME: images.tolist()}}, timeout)
+    answer = call(url, {"signature_name": model.signature, "inputs": {INPUT_NAME: images.tolist()}}, timeout)
     try:
-        mask = np.asarray(answer["outputs"][MASK_OUTPUT], dtype=np.uint8)
+        probs = np.asarray(answer["outputs"][PROBABILITIES_OUTPUT], dtype=np.float32)
     except (KeyError, TypeError, ValueError):
-        raise ServingError(f"{url}: answer has no outputs.{MASK_OUTPUT}") from None
-    if mask.shape != images.shape[:3]:
-        raise ServingError(f"{url}: mask has shape {mask.shape}, expected {images.shape[:3]}")
-    return mask
+        raise ServingError(f"{url}: answer has no outputs.{PROBABILITIES_OUTPUT}") from None
+    expected = (*images.shape[:3], model.num_outputs)
+    if probs.shape != expected:
+        raise ServingError(f"{url}: probabilities have shape {probs.shape}, expected {expected}")
+    return probs
 
 
-def predict_volume_remote(input_path: str | Path, output_path: str | Path, server: str, model_name: str,
-                          version: int | None = None, batch_size: int = 16, timeout: float = 60.0,
-                          signature: str = "serving_default",
-                          max_case_voxels: int = MAX_CASE_VOXELS) -> Path:
-    """Segments a NIfTI volume on a TF Serving model and writes the label mask.
+def predict_probabilities(model: RemoteModel, data: np.ndarray, batch_size: int = 16, timeout: float = 60.0,
+                          max_case_voxels: int = MAX_CASE_VOXELS) -> np.ndarray:
+    """The served model's probabilities for a volume of raw intensities.
 
     Args:
-        input_path: the volume (.nii / .nii.gz), raw intensities.
-        output_path: the mask to write (uint8), with the input's affine and voxel order.
-        server: e.g. ``http://localhost:8501`` (the REST port).
-        model_name: the served model's name (``saved_models/NAME``).
-        version: a specific version; default the server's latest.
+        model: from :func:`fetch_model`.
+        data: the volume ``(x, y, z)`` in canonical order (axial slices ``data[:, :, k]``).
         batch_size: slices per request (CT; MRI volumes above ``max_case_voxels``).
         timeout: seconds to wait for each answer.
-        signature: the signature to call.
         max_case_voxels: largest MRI volume sent as one request.
 
     Returns:
-        ``output_path``.
+        float32 ``(x, y, z, N)``, as :func:`kerasunet.predict.predict_volume` returns them.
 
     Raises:
-        VolumeError: the input is not a readable 3D volume.
-        ServingError: the server cannot be reached, times out, does not serve the model,
-            or returns an error (its text is in the message).
+        ServingError: the server cannot be reached, times out or returns an error (its text
+            is in the message).
     """
-    volume = load_volume(input_path)
-    model = fetch_model(server, model_name, version, signature, timeout)
-    data = volume.data
-    mask = np.zeros(data.shape, dtype=np.uint8)
+    probs = np.zeros((*data.shape, model.num_outputs), dtype=np.float32)
     for batch in plan_batches(data.shape[2], data.shape[0] * data.shape[1], batch_size, model, max_case_voxels):
-        labels = predict_batch(model, stack_slices(data, batch, model.context), signature, timeout)
-        mask[:, :, batch.start:batch.stop] = np.moveaxis(labels, 0, -1)
-    return save_like(mask, volume, output_path, dtype=np.uint8)
+        out = predict_batch(model, stack_slices(data, batch, model.context), timeout)
+        probs[:, :, batch.start:batch.stop] = np.moveaxis(out, 0, 2)
+    return probs

@@ -1,25 +1,20 @@
 """``kerasunet train``: one custom training loop for one device, several GPUs and several nodes.
 
-The loop is a ``strategy.run`` step inside a ``tf.function`` (GradientTape +
-``optimizer.apply_gradients``), used under every ``tf.distribute`` strategy that
-:func:`kerasunet.distribute.select_strategy` picks. Keras 3's ``model.fit`` would do for
-one node, but it fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585), and
-one loop for all cases keeps them from drifting apart.
+The loop runs the step functions of :mod:`kerasunet.steps` (a ``strategy.run`` step inside a
+``tf.function``: GradientTape + ``optimizer.apply_gradients``) under every ``tf.distribute``
+strategy that :func:`kerasunet.distribute.select_strategy` picks. Keras 3's ``model.fit``
+would do for one node, but it fails under ``MultiWorkerMirroredStrategy``
+(keras-team/keras#20585), and one loop for all cases keeps them from drifting apart.
 
-Loss scaling across replicas: each replica computes the loss of its share of the batch
-(a mean over its examples, as the losses in :mod:`kerasunet.losses` return) and weights it
-by ``local_batch / global_batch``; the summed gradients are then those of the global batch
-mean. For Dice, which is computed over a whole batch, this is the mean of per-replica Dice
-terms rather than one Dice over the global batch. Training batches are full
-(``drop_remainder``) and every worker runs the same number of steps per epoch.
-
-BatchNorm moving statistics are updated per replica with the local batch; once an epoch
-they are set to their mean over replicas (:meth:`Loop.make_sync_step`), which keeps workers
-identical and, as the moving averages are linear, equals averaging every step.
+Each training step's loss is the loss of the global batch, Dice included, whatever the
+replica count (how it is reduced across replicas: :mod:`kerasunet.steps`). Training batches
+are full (``drop_remainder``) and every worker runs the same number of steps per epoch.
+BatchNorm moving statistics are set to their mean over replicas once an epoch.
 
 Validation runs on each process's default device over the whole validation split, outside
 ``strategy.run``: every worker holds identical weights, so every worker gets the same
-numbers without collective ops, and uneven validation shards cannot deadlock workers.
+numbers without collective ops, and uneven validation shards cannot deadlock workers. The
+validation loss is the mean of per-batch losses, as the training loss is.
 
 Mixed precision (``--mixed-precision``): ``auto`` uses ``mixed_float16`` when a GPU is
 visible, ``on`` always, ``off`` never. The policy is set before the model is built (the
@@ -27,13 +22,18 @@ head's sigmoid stays float32) and restored afterwards; the optimiser is wrapped 
 ``keras.optimizers.LossScaleOptimizer``. On CPU ``on`` works but is slow, as float16
 convolutions are emulated there. ``best.keras`` is always saved as a float32 model.
 
-The run folder is described in :mod:`kerasunet.core.runs`. ``--out`` must be empty or absent
-unless ``--resume`` is given; ``--resume`` on an empty folder starts a new run (so job
-scripts may always pass it). A resumed run restores model, optimiser (iterations, moments,
-loss scale, learning rate), epoch, best validation loss and plateau counter from the
-newest checkpoint and keeps the history rows up to that epoch. Random seeds are reset to
-``seed + completed_epochs`` on resume: a resumed run is reproducible, but it does not draw
-the same batches and dropout masks as an uninterrupted run would have.
+The run folder is described in :mod:`kerasunet.core.runs` and written by
+:mod:`kerasunet.rundir`. ``--out`` must be empty or absent unless ``--resume`` is given;
+``--resume`` on an empty folder starts a new run (so job scripts may always pass it). A
+resumed run must have the settings of its config.json (``--epochs`` may be raised; with the
+cosine schedule the decay then spans the new total). It restores model, optimiser
+(iterations, moments, loss scale, learning rate), epoch, best validation loss and plateau
+counter from the newest checkpoint and keeps the history rows up to that epoch. Random
+seeds are reset to ``seed + completed_epochs`` on resume: a resumed run is reproducible, but
+it does not draw the same batches and dropout masks as an uninterrupted run would have.
+
+A shard that goes missing or is cut short while training reads it stops the run with one
+line naming the shard; the checkpoint of the last finished epoch is kept.
 
 In multi-worker runs only the chief (task ``chief``, else ``worker`` 0) writes ``--out``;
 the other workers write their checkpoints and logs to a temporary folder deleted at the
@@ -42,118 +42,25 @@ end, and resume from the chief's checkpoints (a shared file system is assumed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import math
+import re
 import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
-from kerasunet.core.atomic import atomic_path, write_csv, write_json
-from kerasunet.curves import plot_learning_curves, read_history
 from kerasunet.core.records_format import MANIFEST_FILE
-from kerasunet.core.runs import CONFIG_FILE, MODEL_FILE
+from kerasunet.train_settings import TrainError, TrainSettings
 
-# Kept here (and checked against kerasunet.transfer / kerasunet.losses by the tests) so the
-# CLI can list choices without importing TensorFlow.
-MODES = ("scratch", "init", "freeze")
-LOSSES = ("bce", "dice", "bce_dice", "focal", "masked")
-SCHEDULES = ("none", "cosine", "plateau")
-PRECISIONS = ("auto", "on", "off")
-PLATEAU_FACTOR = 0.5
-PLATEAU_PATIENCE = 2
+__all__ = ["FitResult", "TrainError", "TrainSettings", "fit", "train"]
+
 KEEP_CHECKPOINTS = 2
 PROGRESS_LINES_PER_EPOCH = 10
-
-
-class TrainError(ValueError):
-    """A training setting, input or state that stops a run; the message is one line."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything ``kerasunet train`` needs; each field is one command-line option.
-
-    Attributes:
-        records: Records folder written by ``kerasunet build-records``.
-        out: Run folder to write (see :mod:`kerasunet.core.runs`).
-        mode: ``scratch``, ``init`` or ``freeze`` (see :mod:`kerasunet.transfer`).
-        pretrained: Run folder or ``.keras`` file for ``init``/``freeze``.
-        epochs: Total epochs (a resumed run continues up to this number).
-        batch_size: Global batch size (split over replicas).
-        lr: Adam learning rate (the research: 1e-4 on CT, 5e-4 on MRI).
-        loss: One of :data:`LOSSES`.
-        filters, depth, dropout: U-Net architecture (:func:`kerasunet.model.build_unet`).
-        image_size: ``(height, width)`` to resize/crop to; None pads the records' own size
-            to a multiple of ``2**depth``.
-        freeze_blocks: Encoder blocks frozen in ``freeze`` mode.
-        schedule: ``none``, ``cosine`` (decay to 0 over the run) or ``plateau`` (halve the
-            learning rate after 2 epochs without a lower validation loss; training loss
-            when the records have no validation split).
-        mixed_precision: ``auto``, ``on`` or ``off``.
-        augment: Random augmentation of training slices.
-        oversample_tumour: Share of training slices drawn from slices with tumour.
-        steps_per_epoch: Training steps per epoch; None is one pass over the train split.
-        seed: Seed for weights, data order, augmentation and dropout.
-        resume: Continue the run in ``out`` from its newest checkpoint.
-    """
-
-    records: str
-    out: str
-    mode: str = "scratch"
-    pretrained: str | None = None
-    epochs: int = 5
-    batch_size: int = 10
-    lr: float = 1e-4
-    loss: str = "bce_dice"
-    filters: int = 32
-    depth: int = 4
-    dropout: float = 0.5
-    image_size: tuple[int, int] | None = None
-    freeze_blocks: int = 2
-    schedule: str = "none"
-    mixed_precision: str = "auto"
-    augment: bool = True
-    oversample_tumour: float = 0.33
-    steps_per_epoch: int | None = None
-    seed: int = 0
-    resume: bool = False
-
-    def __post_init__(self):
-        for name, allowed in (("mode", MODES), ("loss", LOSSES), ("schedule", SCHEDULES),
-                              ("mixed_precision", PRECISIONS)):
-            _check(getattr(self, name) in allowed, f"{name} in {allowed}", name, getattr(self, name))
-        if self.mode != "scratch" and not self.pretrained:
-            raise TrainError(f"--mode {self.mode} needs --pretrained (a CT run folder or .keras file)")
-        if self.mode == "scratch" and self.pretrained:
-            raise TrainError("--mode scratch trains new weights; drop --pretrained or use --mode init|freeze")
-        for name in ("epochs", "batch_size", "filters", "depth"):
-            _check(getattr(self, name) >= 1, f"{name} >= 1", name, getattr(self, name))
-        _check(self.lr > 0, "lr > 0", "lr", self.lr)
-        _check(0 <= self.dropout < 1, "0 <= dropout < 1", "dropout", self.dropout)
-        _check(0 <= self.oversample_tumour < 1, "0 <= oversample_tumour < 1", "oversample_tumour",
-               self.oversample_tumour)
-        _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps_per_epoch >= 1",
-               "steps_per_epoch", self.steps_per_epoch)
-        _check(self.mode != "freeze" or 0 <= self.freeze_blocks <= self.depth,
-               f"0 <= freeze_blocks <= depth={self.depth}", "freeze_blocks", self.freeze_blocks)
-        if self.image_size is not None:
-            step = 2**self.depth
-            _check(len(self.image_size) == 2 and all(s >= step and s % step == 0 for s in self.image_size),
-                   f"image_size height and width multiples of 2**depth={step}", "image_size", self.image_size)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["image_size"] = list(self.image_size) if self.image_size else None
-        return d
-
-
-def _check(ok: bool, expected: str, name: str, value) -> None:
-    if not ok:
-        raise TrainError(f"Expected {expected}. Received: {name}={value!r}")
 
 
 @dataclass
@@ -163,6 +70,41 @@ class FitResult:
     run_dir: Path
     model: object
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Inputs:
+    """The datasets of a run: a distributed training iterator and the validation batches."""
+
+    train_iter: object
+    val: object | None
+    steps: int
+    channels: int
+    output_names: tuple
+
+
+@dataclass
+class State:
+    """What a run trains and checkpoints: model, optimiser, loss, metrics and loop counters."""
+
+    model: object
+    optimizer: object
+    export_model: object  # best.keras's float32 twin
+    loss_fn: object
+    train_metrics: list
+    val_metrics: list
+    epoch: object  # tf.Variables, so the checkpoint holds them
+    best: object
+    wait: object
+    checkpoint: object
+
+
+class Steps(NamedTuple):
+    """The step functions of a run (:mod:`kerasunet.steps`)."""
+
+    train: Callable
+    val: Callable
+    sync: Callable | None
 
 
 def train(settings: TrainSettings, progress=print) -> Path:
@@ -186,28 +128,28 @@ def fit(settings: TrainSettings, progress=print) -> FitResult:
         the run folder holds).
 
     Raises:
-        TrainError: bad records, run folder, pretrained model, or a NaN/Inf loss.
+        TrainError: bad records, run folder, pretrained model, a shard that cannot be read,
+            or a NaN/Inf loss.
     """
     from kerasunet.distribute import describe, is_chief, select_strategy, tf_config
 
     strategy = select_strategy()  # before any other TensorFlow op (multi-worker needs it)
     import keras
 
-    records = Path(settings.records)
-    manifest, manifest_sha = read_manifest(records)
+    from kerasunet.rundir import check_run_dir
+
+    manifest, manifest_sha = read_manifest(Path(settings.records))
     run_dir = Path(settings.out)
     chief = is_chief(tf_config())
     if chief:
-        check_run_dir(run_dir, settings)
+        check_run_dir(run_dir, settings, manifest_sha)
     write_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="kerasunet-worker-"))
     policy = precision_policy(settings.mixed_precision, progress)
     progress(f"training on {describe(strategy)}, policy {policy}, writing {write_dir}")
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
     try:
-        loop = Loop(settings, strategy, manifest, manifest_sha, run_dir, write_dir, progress)
-        history = loop.run()
-        return FitResult(run_dir=run_dir, model=loop.model, history=history)
+        return run(settings, strategy, manifest, manifest_sha, run_dir, write_dir, progress)
     finally:
         keras.mixed_precision.set_global_policy(previous)
         if not chief:
@@ -233,31 +175,6 @@ def read_manifest(records: Path) -> tuple[dict, str]:
     if not train_split.get("num_examples"):
         raise TrainError(f"{records}: no train split (0 training examples in {MANIFEST_FILE})")
     return manifest, hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def check_run_dir(run_dir: Path, settings: TrainSettings) -> None:
-    """Refuses to mix runs: ``out`` must be empty or absent unless resuming a matching run.
-
-    Raises:
-        TrainError: a non-empty folder without ``--resume``, or a resume whose model
-            settings differ from the run's config.json.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainError(f"{run_dir}: exists and is not a folder")
-    if not settings.resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise TrainError(f"{run_dir}: exists and is not empty; pass --resume to continue its run "
-                             "or choose a new --out")
-        return
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.exists():
-        return
-    old = json.loads(config_path.read_text())["train"]
-    for key in ("mode", "loss", "filters", "depth", "dropout", "image_size",
-                "freeze_blocks", "batch_size"):
-        new = settings.to_dict()[key]
-        if old.get(key) != new:
-            raise TrainError(f"{run_dir}: cannot resume with {key}={new!r}; the run used {old.get(key)!r}")
 
 
 def precision_policy(mode: str, progress=print) -> str:
@@ -305,336 +222,252 @@ def shard_options(num_files: int):
     return options
 
 
-class Loop:
-    """The state of one training run: model, optimiser, steps, checkpoint and run-folder writers.
+# --- setup -------------------------------------------------------------------------------
 
-    Built by :func:`fit` inside the dtype policy and strategy it chose; :meth:`run` trains.
+def make_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: int) -> Inputs:
+    """The training iterator (distributed, repeated, seeded by epoch) and validation batches.
+
+    Raises:
+        TrainError: the records cannot serve this run (e.g. targets of another modality).
     """
+    from kerasunet import data
+    from kerasunet.augment import AugmentSettings
+    from kerasunet.core.labels import OUTPUTS
 
-    def __init__(self, settings, strategy, manifest, manifest_sha, run_dir, write_dir, progress):
-        import keras
+    s, splits = settings, manifest["splits"]
+    output_names = OUTPUTS[manifest["modality"]]
+    steps = s.steps_per_epoch or max(1, splits["train"]["num_examples"] // s.batch_size)
+    shape = dict(image_size=s.image_size, pad_to_multiple=None if s.image_size else 2**s.depth)
+    try:
+        train_ds = data.get_dataset(s.records, "train", s.batch_size, training=True, **shape,
+                                    augment=AugmentSettings() if s.augment else None,
+                                    oversample_tumour=s.oversample_tumour, seed=s.seed + start_epoch,
+                                    repeat=True, drop_remainder=True)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    train_ds = train_ds.with_options(shard_options(len(splits["train"]["shards"])))
+    channels = int(train_ds.element_spec[0].shape[-1])
+    targets = int(train_ds.element_spec[1].shape[-1])
+    if targets != len(output_names):
+        raise TrainError(f"{s.records}: targets have {targets} channels; {manifest['modality']} "
+                         f"models have {len(output_names)} ({', '.join(output_names)})")
+    val = None
+    if (splits.get("val") or {}).get("num_examples", 0) > 0:
+        val = data.get_dataset(s.records, "val", s.batch_size, training=False, **shape)
+    return Inputs(iter(strategy.experimental_distribute_dataset(train_ds)), val, steps, channels, output_names)
 
-        self.s, self.strategy, self.progress = settings, strategy, progress
-        self.manifest, self.run_dir, self.write_dir = manifest, run_dir, write_dir
-        self.resume_from, self.start_epoch = latest_checkpoint(run_dir) if settings.resume else (None, 0)
-        keras.utils.set_random_seed(settings.seed + self.start_epoch)
-        self.make_datasets()
-        self.build_model()
-        self.config = self.make_config(manifest_sha)
 
-    # --- setup -------------------------------------------------------------------------
-    def make_datasets(self) -> None:
-        from kerasunet import data
-        from kerasunet.core.labels import OUTPUTS
+def build_state(settings: TrainSettings, strategy, inputs: Inputs) -> State:
+    """Model (transfer mode applied), optimiser, loss, metrics and checkpoint of a run.
 
-        s, splits = self.s, self.manifest["splits"]
-        self.output_names = OUTPUTS[self.manifest["modality"]]
-        self.steps = s.steps_per_epoch or max(1, splits["train"]["num_examples"] // s.batch_size)
-        shape = dict(image_size=s.image_size, pad_to_multiple=None if s.image_size else 2**s.depth)
+    Raises:
+        TrainError: the pretrained model is missing or does not match (names its path).
+    """
+    import keras
+    import tensorflow as tf
+
+    from kerasunet.core.runs import RunError
+    from kerasunet.losses import get_loss
+    from kerasunet.metrics import metrics_for
+    from kerasunet.model import build_unet
+    from kerasunet.schedule import learning_rate
+    from kerasunet.transfer import build_for_mode
+
+    s, names = settings, inputs.output_names
+    arch = dict(filters=s.filters, depth=s.depth, dropout=s.dropout)
+    with strategy.scope():
         try:
-            train = data.get_dataset(s.records, "train", s.batch_size, training=True, **shape,
-                                     augment=self.augment_settings(), oversample_tumour=s.oversample_tumour,
-                                     seed=s.seed + self.start_epoch, repeat=True, drop_remainder=True)
-        except ValueError as exc:
+            model = build_for_mode(s.mode, (None, None, inputs.channels), len(names),
+                                   pretrained=s.pretrained, freeze_blocks=s.freeze_blocks, **arch)
+        except (RunError, ValueError) as exc:
             raise TrainError(str(exc)) from None
-        train = train.with_options(shard_options(len(splits["train"]["shards"])))
-        self.channels = int(train.element_spec[0].shape[-1])
-        targets = int(train.element_spec[1].shape[-1])
-        if targets != len(self.output_names):
-            raise TrainError(f"{s.records}: targets have {targets} channels; {self.manifest['modality']} "
-                             f"models have {len(self.output_names)} ({', '.join(self.output_names)})")
-        self.train_iter = iter(self.strategy.experimental_distribute_dataset(train))
-        has_val = (splits.get("val") or {}).get("num_examples", 0) > 0
-        self.val = None
-        if has_val:
-            self.val = data.get_dataset(s.records, "val", s.batch_size, training=False, **shape)
-
-    def augment_settings(self):
-        if not self.s.augment:
-            return None
-        from kerasunet.augment import AugmentSettings
-
-        return AugmentSettings()
-
-    def build_model(self) -> None:
-        import keras
-        import tensorflow as tf
-
-        from kerasunet.losses import get_loss
-        from kerasunet.metrics import metrics_for
-        from kerasunet.model import build_unet
-        from kerasunet.core.runs import RunError
-        from kerasunet.transfer import build_for_mode
-
-        s = self.s
-        arch = dict(filters=s.filters, depth=s.depth, dropout=s.dropout)
-        with self.strategy.scope():
-            try:
-                self.model = build_for_mode(s.mode, (None, None, self.channels), len(self.output_names),
-                                            pretrained=s.pretrained, freeze_blocks=s.freeze_blocks, **arch)
-            except (RunError, ValueError) as exc:
-                raise TrainError(str(exc)) from None  # names the pretrained path
-            self.optimizer = self.make_optimizer()
-            self.optimizer.build(self.model.trainable_variables)
-            self.train_metrics = metrics_for(self.output_names)
-        self.val_metrics = metrics_for(self.output_names)
-        self.loss_fn = get_loss(s.loss, self.output_names)
-        # best.keras is a float32 twin: loads and predicts fast on CPU whatever the training policy.
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy("float32")
-        try:
-            self.export_model = build_unet((None, None, self.channels), len(self.output_names), **arch)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.best = tf.Variable(math.inf, dtype=tf.float64, trainable=False)
-        self.wait = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, epoch=self.epoch,
-                                              best=self.best, wait=self.wait)
-        self.train_step = self.make_train_step()
-        self.val_step = self.make_val_step()
-        self.sync_step = self.make_sync_step()
-
-    def make_optimizer(self):
-        import keras
-
-        s = self.s
-        lr = s.lr
-        if s.schedule == "cosine":
-            lr = keras.optimizers.schedules.CosineDecay(s.lr, decay_steps=s.epochs * self.steps)
-        optimizer = keras.optimizers.Adam(lr)
+        optimizer = keras.optimizers.Adam(learning_rate(s.lr, s.schedule, s.epochs * inputs.steps))
         if keras.mixed_precision.global_policy().name == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        return optimizer
-
-    def make_config(self, manifest_sha: str) -> dict:
-        import kerasunet
-
-        s, m = self.s, self.manifest
-        return {
-            "model": {"input_channels": self.channels, "num_outputs": len(self.output_names),
-                      "filters": s.filters, "depth": s.depth, "dropout": s.dropout},
-            "data": {"modality": m["modality"], "context": m.get("context", 0), "norm": m["norm"],
-                     "image_size": list(s.image_size) if s.image_size else None,
-                     "records": str(Path(s.records).resolve()), "manifest_sha256": manifest_sha},
-            "train": s.to_dict(),
-            "git_commit": git_commit(),
-            "kerasunet_version": kerasunet.__version__,
-        }
-
-    # --- steps -------------------------------------------------------------------------
-    def make_train_step(self):
-        import tensorflow as tf
-
-        model, optimizer, loss_fn, metrics = self.model, self.optimizer, self.loss_fn, self.train_metrics
-        strategy, global_batch = self.strategy, float(self.s.batch_size)
-
-        def replica_step(x, y):
-            with tf.GradientTape() as tape:
-                pred = model(x, training=True)
-                # Weighted so that the sum over replicas is the global-batch mean.
-                loss = loss_fn(y, pred) * tf.cast(tf.shape(x)[0], "float32") / global_batch
-                if model.losses:
-                    loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
-                scaled = optimizer.scale_loss(loss)
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            for metric in metrics:
-                metric.update_state(y, pred)
-            return loss
-
-        @tf.function
-        def step(iterator):
-            x, y = next(iterator)
-            per_replica = strategy.run(replica_step, args=(x, y))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-        return step
-
-    def make_sync_step(self):
-        """A step that sets each BatchNorm moving statistic to its mean over all replicas.
-
-        Keras BatchNorm updates its moving mean/variance with the local batch on each
-        replica, so under MultiWorkerMirroredStrategy the workers' copies drift apart.
-        The moving averages are linear in the batch statistics, so averaging them once an
-        epoch equals averaging every step. Frozen layers are left alone (they never change,
-        and their weights stay bit-identical to the pretrained ones).
-
-        Returns:
-            A ``tf.function``, or None with one replica or nothing to synchronise.
-        """
-        import tensorflow as tf
-
-        strategy = self.strategy
-        variables = [w for layer in self.model.layers if layer.trainable
-                     for w in layer.non_trainable_weights if "float" in str(w.dtype)]
-        if strategy.num_replicas_in_sync == 1 or not variables:
-            return None
-
-        def replica_mean():
-            context = tf.distribute.get_replica_context()
-            return context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables])
-
-        @tf.function
-        def sync():
-            means = strategy.run(replica_mean)
-            for variable, mean in zip(variables, means):
-                variable.assign(strategy.experimental_local_results(mean)[0])
-
-        return sync
-
-    def make_val_step(self):
-        import tensorflow as tf
-
-        model, loss_fn, metrics = self.model, self.loss_fn, self.val_metrics
-
-        @tf.function
-        def step(x, y):
-            pred = model(x, training=False)
-            for metric in metrics:
-                metric.update_state(y, pred)
-            n = tf.cast(tf.shape(x)[0], "float32")
-            return loss_fn(y, pred) * n, n
-
-        return step
-
-    # --- the loop ----------------------------------------------------------------------
-    def run(self) -> list[dict]:
-        """Trains from the start (or the restored) epoch to ``settings.epochs``.
-
-        Returns:
-            The history rows, earlier epochs of a resumed run included.
-        """
-        import tensorflow as tf
-
-        history, timing = self.restore()
-        write_json(self.write_dir / CONFIG_FILE, self.config)
-        manager = tf.train.CheckpointManager(self.checkpoint, str(self.write_dir / "checkpoints"),
-                                             max_to_keep=KEEP_CHECKPOINTS)
-        writers = {name: tf.summary.create_file_writer(str(self.write_dir / "logs" / name))
-                   for name in ("train", "validation")}
-        if self.start_epoch >= self.s.epochs:
-            self.progress(f"{self.run_dir}: already trained for {self.start_epoch} epoch(s); nothing to do")
-        for epoch in range(self.start_epoch + 1, self.s.epochs + 1):
-            start = time.perf_counter()
-            row = {"epoch": epoch, **self.train_epoch(epoch, manager), **self.validate()}
-            row["lr"] = self.current_lr()
-            seconds = time.perf_counter() - start
-            history.append(row)
-            timing.append({"epoch": epoch, "seconds": round(seconds, 3)})
-            self.end_epoch(row, history, timing, writers, seconds)
-            manager.save()  # last, so a checkpoint never runs ahead of the files above
-        if history:
-            plot_learning_curves({"run": [history]}, self.write_dir / "learning_curves.png")
-        return history
-
-    def restore(self) -> tuple[list[dict], list[dict]]:
-        """Loads the resumed checkpoint and the history/timing rows up to its epoch."""
-        if self.resume_from is None:
-            return [], []
-        self.checkpoint.restore(self.resume_from).assert_existing_objects_matched()
-        self.progress(f"resuming {self.run_dir} after epoch {self.start_epoch} from {self.resume_from}")
-        history = [r for r in read_history(self.run_dir / "history.csv") if r["epoch"] <= self.start_epoch]
-        timing = [r for r in read_history(self.run_dir / "timing.csv") if r["epoch"] <= self.start_epoch]
-        return history, timing
-
-    def train_epoch(self, epoch: int, manager) -> dict:
-        """Runs one epoch of training steps; returns mean loss and train Dice/IoU."""
-        for metric in self.train_metrics:
-            metric.reset_state()
-        total, start = 0.0, time.perf_counter()
-        every = max(1, self.steps // PROGRESS_LINES_PER_EPOCH)
-        for step in range(1, self.steps + 1):
-            loss = float(self.train_step(self.train_iter))
-            if not math.isfinite(loss):
-                last = manager.latest_checkpoint
-                kept = (f"last good checkpoint kept at {last}" if last
-                        else "no checkpoint was written (no epoch had finished)")
-                raise TrainError(f"loss became {'NaN' if math.isnan(loss) else 'Inf'} at epoch {epoch} "
-                                 f"step {step}; {kept}")
-            total += loss
-            if step % every == 0 or step == self.steps:
-                eta = (time.perf_counter() - start) / step * (self.steps - step)
-                self.progress(f"epoch {epoch}/{self.s.epochs} step {step}/{self.steps} "
-                              f"loss {total / step:.4f} eta {eta:.0f}s")
-        if self.sync_step is not None:
-            self.sync_step()
-        return {"loss": total / self.steps, **_results(self.train_metrics)}
-
-    def validate(self) -> dict:
-        """Loss and Dice/IoU over the validation split ({} without one)."""
-        if self.val is None:
-            return {}
-        for metric in self.val_metrics:
-            metric.reset_state()
-        loss_sum = count = 0.0
-        for x, y in self.val:
-            batch_loss, n = self.val_step(x, y)
-            loss_sum, count = loss_sum + float(batch_loss), count + float(n)
-        row = {"val_loss": loss_sum / max(count, 1.0)}
-        return row | {f"val_{k}": v for k, v in _results(self.val_metrics).items()}
-
-    def current_lr(self) -> float:
-        import keras
-
-        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
-
-    def end_epoch(self, row, history, timing, writers, seconds) -> None:
-        """Best model, plateau schedule, CSVs, TensorBoard, curves and a summary line."""
-        monitor = row.get("val_loss", row["loss"])
-        improved = monitor < float(self.best.numpy())  # False for NaN
-        if improved:
-            self.best.assign(monitor)
-        if improved or self.val is None:  # without validation, best.keras is the last epoch
-            self.save_best()
-        self.epoch.assign(row["epoch"])
-        if self.s.schedule == "plateau":
-            self.plateau(improved)
-        write_csv(self.write_dir / "history.csv", history)
-        write_csv(self.write_dir / "timing.csv", timing)
-        self.log_scalars(row, writers)
-        plot_learning_curves({"run": [history]}, self.write_dir / "learning_curves.png")
-        shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-        self.progress(f"epoch {row['epoch']}/{self.s.epochs} done in {seconds:.1f}s: {shown}"
-                      + (" (best so far)" if improved else ""))
-
-    def save_best(self) -> None:
-        self.export_model.set_weights(self.model.get_weights())
-        with atomic_path(self.write_dir / MODEL_FILE) as tmp:
-            self.export_model.save(tmp)
-
-    def plateau(self, improved: bool) -> None:
-        """Halves the learning rate after PLATEAU_PATIENCE epochs without improvement."""
-        self.wait.assign(0 if improved else int(self.wait.numpy()) + 1)
-        if int(self.wait.numpy()) >= PLATEAU_PATIENCE:
-            self.optimizer.learning_rate = self.current_lr() * PLATEAU_FACTOR
-            self.wait.assign(0)
-            self.progress(f"plateau: learning rate now {self.current_lr():.3g}")
-
-    def log_scalars(self, row: dict, writers: dict) -> None:
-        """TensorBoard scalars: ``logs/train`` and ``logs/validation`` share tag names."""
-        for key, value in row.items():
-            if key == "epoch":
-                continue
-            name, tag = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
-            with writers[name].as_default():
-                write_scalar(tag, value, row["epoch"])
-        for writer in writers.values():
-            writer.flush()
+        optimizer.build(model.trainable_variables)
+        train_metrics = metrics_for(names)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        export_model = build_unet((None, None, inputs.channels), len(names), **arch)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    best = tf.Variable(math.inf, dtype=tf.float64, trainable=False)
+    wait = tf.Variable(0, dtype=tf.int64, trainable=False)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch, best=best, wait=wait)
+    return State(model, optimizer, export_model, get_loss(s.loss, names), train_metrics, metrics_for(names),
+                 epoch, best, wait, checkpoint)
 
 
-def write_scalar(tag: str, value: float, step: int) -> None:
-    """A TensorBoard scalar via ``tf.summary.write``.
+def make_config(settings: TrainSettings, manifest: dict, manifest_sha: str, inputs: Inputs) -> dict:
+    """The run's config.json (schema in :mod:`kerasunet.core.runs`)."""
+    import kerasunet
 
-    ``tf.summary.scalar`` needs the ``tensorboard`` package even to write; this writes the
-    same event (a float32 tensor tagged for the "scalars" plugin) with TensorFlow alone.
+    s = settings
+    return {
+        "model": {"input_channels": inputs.channels, "num_outputs": len(inputs.output_names),
+                  "filters": s.filters, "depth": s.depth, "dropout": s.dropout},
+        "data": {"modality": manifest["modality"], "context": manifest.get("context", 0),
+                 "norm": manifest["norm"], "image_size": list(s.image_size) if s.image_size else None,
+                 "records": str(Path(s.records).resolve()), "manifest_sha256": manifest_sha},
+        "train": s.to_dict(),
+        "git_commit": git_commit(),
+        "kerasunet_version": kerasunet.__version__,
+    }
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+def run(settings: TrainSettings, strategy, manifest: dict, manifest_sha: str, run_dir: Path,
+        write_dir: Path, progress) -> FitResult:
+    """Builds the run (resuming from ``run_dir``'s newest checkpoint) and trains to ``settings.epochs``."""
+    import keras
+    import tensorflow as tf
+
+    from kerasunet.rundir import RunWriter, previous_rows
+    from kerasunet.steps import make_sync_step, make_train_step, make_val_step
+
+    resume_from, start_epoch = latest_checkpoint(run_dir) if settings.resume else (None, 0)
+    keras.utils.set_random_seed(settings.seed + start_epoch)
+    inputs = make_inputs(settings, manifest, strategy, start_epoch)
+    state = build_state(settings, strategy, inputs)
+    steps = Steps(make_train_step(state.model, state.optimizer, state.loss_fn, state.train_metrics, strategy),
+                  make_val_step(state.model, state.loss_fn, state.val_metrics),
+                  make_sync_step(state.model, strategy))
+    writer = RunWriter(write_dir)
+    if resume_from is not None:
+        state.checkpoint.restore(resume_from).assert_existing_objects_matched()
+        progress(f"resuming {run_dir} after epoch {start_epoch} from {resume_from}")
+        writer.history, writer.timing = previous_rows(run_dir, start_epoch)
+    writer.write_config(make_config(settings, manifest, manifest_sha, inputs))
+    manager = tf.train.CheckpointManager(state.checkpoint, str(write_dir / "checkpoints"),
+                                         max_to_keep=KEEP_CHECKPOINTS)
+    if start_epoch >= settings.epochs:
+        progress(f"{run_dir}: already trained for {start_epoch} epoch(s); nothing to do")
+    for epoch in range(start_epoch + 1, settings.epochs + 1):
+        start = time.perf_counter()
+        with records_errors(settings.records, manifest, "train", manager, epoch):
+            row = {"epoch": epoch, **train_epoch(settings, inputs, state, steps, epoch, manager, progress)}
+        with records_errors(settings.records, manifest, "val", manager, epoch):
+            row |= validate(inputs, state, steps.val)
+        end_epoch(settings, state, writer, row, time.perf_counter() - start, inputs.val is not None, progress)
+        manager.save()  # last, so a checkpoint never runs ahead of the files above
+    writer.plot_curves()
+    return FitResult(run_dir=run_dir, model=state.model, history=writer.history)
+
+
+def train_epoch(settings, inputs: Inputs, state: State, steps: Steps, epoch: int, manager, progress) -> dict:
+    """Runs one epoch of training steps; returns mean loss and train Dice/IoU.
+
+    Raises:
+        TrainError: the loss became NaN or Inf (names the checkpoint kept).
+    """
+    for metric in state.train_metrics:
+        metric.reset_state()
+    total, start, n = 0.0, time.perf_counter(), inputs.steps
+    every = max(1, n // PROGRESS_LINES_PER_EPOCH)
+    for step in range(1, n + 1):
+        loss = float(steps.train(inputs.train_iter))
+        if not math.isfinite(loss):
+            raise TrainError(f"loss became {'NaN' if math.isnan(loss) else 'Inf'} at epoch {epoch} "
+                             f"step {step}; {kept_checkpoint(manager)}")
+        total += loss
+        if step % every == 0 or step == n:
+            eta = (time.perf_counter() - start) / step * (n - step)
+            progress(f"epoch {epoch}/{settings.epochs} step {step}/{n} loss {total / step:.4f} eta {eta:.0f}s")
+    if steps.sync is not None:
+        steps.sync()
+    return {"loss": total / n, **_results(state.train_metrics)}
+
+
+def validate(inputs: Inputs, state: State, val_step) -> dict:
+    """Loss and Dice/IoU over the validation split ({} without one)."""
+    if inputs.val is None:
+        return {}
+    for metric in state.val_metrics:
+        metric.reset_state()
+    loss_sum = count = 0.0
+    for x, y in inputs.val:
+        batch_loss, n = val_step(x, y)
+        loss_sum, count = loss_sum + float(batch_loss), count + float(n)
+    row = {"val_loss": loss_sum / max(count, 1.0)}
+    return row | {f"val_{k}": v for k, v in _results(state.val_metrics).items()}
+
+
+def end_epoch(settings, state: State, writer, row: dict, seconds: float, has_val: bool, progress) -> None:
+    """Best model, plateau schedule, the run folder's files and a summary line."""
+    from kerasunet.schedule import apply_plateau, current_lr
+
+    row["lr"] = current_lr(state.optimizer)
+    monitor = row.get("val_loss", row["loss"])
+    improved = monitor < float(state.best.numpy())  # False for NaN
+    if improved:
+        state.best.assign(monitor)
+    if improved or not has_val:  # without validation, best.keras is the last epoch
+        writer.save_model(state.model, state.export_model)
+    state.epoch.assign(row["epoch"])
+    if settings.schedule == "plateau":
+        lowered = apply_plateau(state.optimizer, state.wait, improved)
+        if lowered is not None:
+            progress(f"plateau: learning rate now {lowered:.3g}")
+    writer.end_epoch(row, seconds)
+    shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+    progress(f"epoch {row['epoch']}/{settings.epochs} done in {seconds:.1f}s: {shown}"
+             + (" (best so far)" if improved else ""))
+
+
+def kept_checkpoint(manager) -> str:
+    """What a stopped run leaves to resume from, for its one-line error."""
+    last = manager.latest_checkpoint
+    return f"last good checkpoint kept at {last}" if last else "no checkpoint was written (no epoch had finished)"
+
+
+@contextlib.contextmanager
+def records_errors(records, manifest: dict, split: str, manager, epoch: int):
+    """Turns a shard that cannot be read into a one-line :class:`TrainError`.
+
+    TensorFlow reports a deleted shard (NotFoundError), a truncated or corrupt one
+    (DataLossError) or an emptied split (OutOfRangeError) from inside a step, often without
+    the file's name; :func:`unreadable_shard` finds it. The checkpoint of the last finished
+    epoch stays as it was.
     """
     import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
 
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError) as exc:
+        raise TrainError(f"{unreadable_shard(Path(records), manifest, split, exc)}; training stopped in "
+                         f"epoch {epoch}; {kept_checkpoint(manager)}") from None
+
+
+def unreadable_shard(records: Path, manifest: dict, split: str, exc) -> str:
+    """``"<shard>: <problem>"`` for the shard of ``split`` behind a TensorFlow read error.
+
+    The shard named in TensorFlow's message if there is one; else the first shard of the
+    split that fails :func:`kerasunet.data.verify_records` (missing, checksum, example
+    count; this reads the records, on error only); else the records folder and the split.
+    """
+    from kerasunet import data
+
+    reason = tf_reason(exc)
+    shards = [str(records / shard["file"]) for shard in manifest["splits"][split]["shards"]]
+    named = [path for path in shards if path in exc.message]
+    if named:
+        return f"{named[0]}: unreadable ({reason.replace(named[0] + '; ', '')})"
+    problems = [p for p in data.verify_records(records) if p.startswith(tuple(f"{s}:" for s in shards))]
+    if problems:
+        return problems[0]
+    return f"{records}: the {split} split could not be read ({reason})"
+
+
+def tf_reason(exc) -> str:
+    """The line of a TensorFlow op error that says what went wrong, with the error's type."""
+    noise = r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^]]*\]\]|\[Op:[^]]*\]( name: \S*)?"
+    lines = [re.sub(noise, "", line).strip() for line in exc.message.splitlines()]
+    reason = [line for line in lines
+              if line and not line.startswith(("Graph execution error", "Detected at node", "File "))]
+    return f"{type(exc).__name__}: {reason[0] if reason else 'no details'}"
 
 
 def _results(metrics) -> dict:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import keras
 
+from kerasunet.core.choices import MODES
 from kerasunet.core.labels import OUTPUTS
 from kerasunet.model import block_of, build_unet, layers_in_blocks
 from kerasunet.core.runs import MODEL_FILE, RunError
 
-MODES = ("scratch", "init", "freeze")
 HEAD = "head_conv"
 
 
@@ -121,7 +121,7 @@ def build_for_mode(mode: str, input_shape, num_outputs: int, pretrained=None, fr
     the CT moving statistics of the pretrained model (see the module docstring).
 
     Args:
-        mode: One of :data:`MODES`.
+        mode: One of :data:`kerasunet.core.choices.MODES`.
         input_shape: ``(height, width, channels)`` of the new model.
         num_outputs: Output channels of the new model (1 for MRI tumour).
         pretrained: For ``init``/``freeze``: a run folder holding ``best.keras``,

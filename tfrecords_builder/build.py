@@ -9,15 +9,15 @@ are kept. A finished build with the same settings is a no-op.
 
 Each case is read twice: once to validate it and choose its slices (so splits are drawn
 over usable cases only), once to write its slices. Holding or caching every case's slices
-instead would cost memory or disk the size of the dataset.
+instead would cost memory or disk the size of the dataset. A case whose files change between
+the two reads so that they fail the checks is skipped with its reason, like a case that fails
+validation: it leaves its split's case list and the manifest's cases for ``skipped``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
-import os
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from kerasunet.core.atomic import write_json
+from kerasunet.core.cases import LAYOUTS, CaseFiles, find_dataset_cases
+from kerasunet.core.fingerprint import changed_settings, hash_settings
 from kerasunet.core.labels import OUTPUTS
-from kerasunet.core.nifti import CaseFiles, VolumeError
+from kerasunet.core.nifti import VolumeError
 from kerasunet.core.preprocessing import NormSettings
-from kerasunet.core.records_format import MANIFEST_FILE, SHARD_RE, TEMP_PREFIX
+from kerasunet.core.records_format import DEFAULT_WORKERS, MANIFEST_FILE, SHARD_RE, TEMP_PREFIX
 from tfrecords_builder.features import FEATURES, slice_example
-from tfrecords_builder.ingest import DATASETS, CaseTask, SkipCase, extract_case, find_dataset_cases, inspect_case
+from tfrecords_builder.ingest import CaseTask, extract_case, inspect_case
 from tfrecords_builder.selection import SelectionSettings
 from tfrecords_builder.writer import ShardWriter
 
@@ -71,7 +73,7 @@ class BuildSettings:
         percentiles: MRI clip percentiles (lo, hi), applied by the reader.
         shard_mb: target shard size in MB (uncompressed record bytes).
         gzip: GZIP-compress the shards.
-        workers: worker processes; None means the CPU count. 1 runs in-process.
+        workers: worker processes (:data:`DEFAULT_WORKERS`); 1 runs in-process.
         overwrite: rebuild even if the folder holds a build.
     """
 
@@ -93,7 +95,7 @@ class BuildSettings:
     percentiles: tuple[float, float] = (1.0, 99.0)
     shard_mb: float = 128.0
     gzip: bool = False
-    workers: int | None = None
+    workers: int = DEFAULT_WORKERS
     overwrite: bool = False
 
     def __post_init__(self):
@@ -101,7 +103,7 @@ class BuildSettings:
         for name, cast in (("hu_window", float), ("percentiles", float), ("val_cases", str), ("test_cases", str)):
             object.__setattr__(self, name, tuple(cast(v) for v in getattr(self, name)))
         object.__setattr__(self, "shard_mb", float(self.shard_mb))
-        _check(self.dataset in DATASETS, f"dataset in {tuple(DATASETS)}", "dataset", self.dataset)
+        _check(self.dataset in LAYOUTS, f"dataset in {tuple(LAYOUTS)}", "dataset", self.dataset)
         _check(self.holdout in HOLDOUTS, f"holdout in {HOLDOUTS}", "holdout", self.holdout)
         for name in ("val_fraction", "test_fraction"):
             _check(0 <= getattr(self, name) < 1, f"0 <= {name} < 1", name, getattr(self, name))
@@ -110,12 +112,12 @@ class BuildSettings:
         both = sorted(set(self.val_cases) & set(self.test_cases))
         _check(not both, "no case in both val_cases and test_cases", "cases in both", both)
         _check(self.shard_mb > 0, "shard_mb > 0", "shard_mb", self.shard_mb)
-        _check(self.workers is None or self.workers >= 1, "workers >= 1", "workers", self.workers)
+        _check(self.workers >= 1, "workers >= 1", "workers", self.workers)
         _ = (self.norm, self.selection)  # validates the window, percentiles and slice counts
 
     @property
     def modality(self) -> str:
-        return DATASETS[self.dataset]
+        return LAYOUTS[self.dataset].modality
 
     @property
     def norm(self) -> NormSettings:
@@ -133,7 +135,7 @@ class BuildSettings:
         d = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY}
         d["source"] = str(Path(self.source).resolve())
         d["features"] = sorted(FEATURES)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        return hash_settings(d)
 
 
 def _check(ok: bool, expected: str, name: str, value) -> None:
@@ -217,8 +219,7 @@ def _read_json(path: Path):
 
 
 def _changed(old: dict, new: dict) -> str:
-    keys = sorted(k for k in new if k not in RUN_ONLY and old.get(k) != new[k])
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys) or "source folder"
+    return ", ".join(changed_settings(old, new, ignore=RUN_ONLY)) or "source folder"
 
 
 def _finished_build(out: Path, settings: BuildSettings, log) -> dict | None:
@@ -288,30 +289,53 @@ def _ingest(settings: BuildSettings, workers: int, progress) -> dict:
     return {"cases": cases, "skipped": skipped, "splits": assign_splits(list(cases), settings)}
 
 
-def _write_split(settings: BuildSettings, state: dict, split: str, workers: int, progress) -> dict:
-    """Writes one split's shards; returns its manifest entry."""
+def _write_split(settings: BuildSettings, state: dict, split: str, workers: int, progress) -> tuple[dict, list]:
+    """Writes one split's shards.
+
+    A case whose files changed since they were validated, so that they now fail the checks,
+    is left out with its reason. Nothing of it is in the shards: a case is read whole before
+    any of its slices is written.
+
+    Returns:
+        ``(manifest entry, skipped)``, ``skipped`` as ``[{"case_id", "reason"}]``.
+
+    Raises:
+        BuildError: the split is left without examples.
+    """
     case_ids = state["splits"][split]
     infos = [state["cases"][c] for c in case_ids]
-    tasks = [(_case_task(settings, c, info), info["slices"]) for c, info in zip(case_ids, infos)]
+    tasks = [(_case_task(settings, c, info), info["slices"], info["shape"]) for c, info in zip(case_ids, infos)]
     writer = ShardWriter(settings.out, settings.dataset, split, int(settings.shard_mb * 1e6), settings.gzip)
-    written = 0
+    written, kept, skipped = 0, [], []
     try:
         for done, (case_id, info, data) in enumerate(
                 zip(case_ids, infos, _map_cases(extract_case, tasks, workers)), 1):
-            for j, index in enumerate(info["slices"]):
-                writer.write(slice_example(case_id, index, data["images"][j], data["labels"][j],
-                                           info["spacing"], info["norm_stats"], data["has_tumour"][j]))
-            written += len(info["slices"])
+            if "skip" in data:
+                skipped.append({"case_id": case_id, "reason": f"{data['skip']} (the files changed during the build)"})
+            else:
+                for j, index in enumerate(info["slices"]):
+                    writer.write(slice_example(case_id, index, data["images"][j], data["labels"][j],
+                                               info["spacing"], info["norm_stats"], data["has_tumour"][j]))
+                written += len(info["slices"])
+                kept.append(case_id)
             progress(f"write {split}", done, len(case_ids), written)
-        _raise_if(written == 0, f"{settings.out}: split {split!r} has zero examples")
+        reasons = "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped)
+        _raise_if(written == 0, f"{settings.out}: split {split!r} has zero examples"
+                                + (f" (skipped {reasons})" if skipped else ""))
         shards = writer.finish()
-    except SkipCase as exc:
-        writer.abort()
-        raise BuildError(f"{case_id}: {exc} (the files changed during the build)") from None
     except BaseException:
         writer.abort()
         raise
-    return {"cases": case_ids, "num_examples": written, "shards": shards}
+    return {"cases": kept, "num_examples": written, "shards": shards}, skipped
+
+
+def _drop_cases(state: dict, split: str, skipped: list[dict]) -> None:
+    """Moves cases skipped while writing ``split`` from its case list and the cases to ``skipped``."""
+    gone = {s["case_id"] for s in skipped}
+    state["splits"][split] = [c for c in state["splits"][split] if c not in gone]
+    for case_id in gone:
+        del state["cases"][case_id]
+    state["skipped"] = state["skipped"] + skipped
 
 
 def _class_stats(state: dict, modality: str) -> dict:
@@ -368,7 +392,7 @@ def build_records(settings: BuildSettings, progress=None, log=None) -> dict:
     """
     progress = progress or (lambda *a: None)
     log = log or (lambda message: None)
-    out, workers = Path(settings.out), settings.workers or os.cpu_count() or 1
+    out, workers = Path(settings.out), settings.workers
     manifest = _finished_build(out, settings, log)
     if manifest is not None:
         return manifest
@@ -378,7 +402,9 @@ def build_records(settings: BuildSettings, progress=None, log=None) -> dict:
         write_json(out / STATE_FILE, state)
     for split in state["splits"]:
         if split not in state["completed"]:
-            state["completed"][split] = _write_split(settings, state, split, workers, progress)
+            entry, skipped = _write_split(settings, state, split, workers, progress)
+            _drop_cases(state, split, skipped)
+            state["completed"][split] = entry
             write_json(out / STATE_FILE, state)
     manifest = _manifest(settings, state)
     write_json(out / MANIFEST_FILE, manifest)

@@ -9,8 +9,6 @@ only when the whole split is written are they renamed to their final
 from __future__ import annotations
 
 import os
-import sys
-import time
 from pathlib import Path
 
 import tensorflow as tf
@@ -18,9 +16,6 @@ import tensorflow as tf
 from kerasunet.core.records_format import file_sha256, shard_name, temp_shard_name
 
 _RECORD_OVERHEAD = 16  # TFRecord framing: length (8) + two CRCs (4 + 4)
-# test hook: when the shard with this temporary name is closed, say so and wait (so a test
-# can SIGKILL the build at a known point)
-PAUSE_ENV = "KERASUNET_TEST_PAUSE_AFTER_SHARD"
 
 
 def _sync(path: Path) -> None:
@@ -61,9 +56,6 @@ class ShardWriter:
         _sync(self._path)
         self._done.append((self._path, self._count))
         self._writer, self._count, self._size = None, 0, 0
-        if os.environ.get(PAUSE_ENV) == self._path.name:
-            print(f"test pause after shard {self._path.name}", file=sys.stderr, flush=True)
-            time.sleep(600)
 
     def finish(self) -> list[dict]:
         """Closes the last shard and renames all shards to their final names.

@@ -7,7 +7,6 @@ Outputs (masks, probability maps) go back to the input's own voxel order and aff
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,15 +42,6 @@ class Volume:
     @property
     def affine(self) -> np.ndarray:
         return self.image.affine
-
-
-@dataclass(frozen=True)
-class CaseFiles:
-    """The files of one case. ``label`` is None when the case has no label file."""
-
-    case_id: str
-    image: Path
-    label: Path | None
 
 
 def strip_nifti_suffix(name: str) -> str:
@@ -117,65 +107,3 @@ def save_like(array_canonical: np.ndarray, reference: Volume | nib.Nifti1Image,
     with atomic_path(path) as tmp:
         nib.save(out, str(tmp))
     return path
-
-
-def _natural_key(text: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def _find_nifti(folder: Path, stem: str) -> Path | None:
-    for suffix in NIFTI_SUFFIXES:
-        candidate = folder / f"{stem}{suffix}"
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def find_lits_cases(root: str | Path) -> list[CaseFiles]:
-    """Lists LiTS cases: ``volume-N.nii[.gz]`` with ``segmentation-N.nii[.gz]``, in numeric order."""
-    root = Path(root)
-    cases = []
-    for image in root.iterdir():
-        match = re.fullmatch(r"volume-(\d+)\.nii(\.gz)?", image.name)
-        if match:
-            label = _find_nifti(root, f"segmentation-{match.group(1)}")
-            cases.append(CaseFiles(f"volume-{match.group(1)}", image, label))
-    return sorted(cases, key=lambda c: _natural_key(c.case_id))
-
-
-def find_mri_cases(root: str | Path, phase: str = "artery") -> list[CaseFiles]:
-    """Lists MRI cases: one folder per case holding ``<phase>.nii[.gz]`` and ``label.nii[.gz]``.
-
-    Folders without the phase image are not cases and are ignored.
-    """
-    root = Path(root)
-    cases = []
-    for folder in root.iterdir():
-        if not folder.is_dir():
-            continue
-        image = _find_nifti(folder, phase)
-        if image is not None:
-            cases.append(CaseFiles(folder.name, image, _find_nifti(folder, "label")))
-    return sorted(cases, key=lambda c: _natural_key(c.case_id))
-
-
-def find_cases(root: str | Path, phase: str = "artery") -> tuple[str, list[CaseFiles]]:
-    """Detects the layout of ``root`` and lists its cases.
-
-    Returns:
-        ``("lits", cases)`` or ``("mri", cases)``.
-
-    Raises:
-        VolumeError: ``root`` is missing or holds no case of either layout.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise VolumeError(f"{root}: not a folder")
-    lits = find_lits_cases(root)
-    if lits:
-        return "lits", lits
-    mri = find_mri_cases(root, phase)
-    if mri:
-        return "mri", mri
-    raise VolumeError(f"{root}: no cases found (expected volume-N.nii[.gz] files or "
-                      f"case folders holding {phase}.nii[.gz])")

@@ -2,7 +2,8 @@
 
 A records folder holds TFDS-style shards ``NAME-SPLIT.tfrecord-00000-of-00003`` and one
 ``manifest.json`` (counts, cases, skipped cases, settings, SHA-256 of every shard). While a
-split is being written its shards carry the temporary prefix ``.tmp-``.
+split is being written its shards carry the temporary prefix ``.tmp-``. Builds read cases
+in ``DEFAULT_WORKERS`` processes unless told otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from pathlib import Path
 MANIFEST_FILE = "manifest.json"
 SHARD_RE = re.compile(r"^(?P<name>[\w.]+)-(?P<split>\w+)\.tfrecord-(?P<index>\d{5})-of-(?P<total>\d{5})$")
 TEMP_PREFIX = ".tmp-"
+# Worker processes of a build (`build-records --workers`, `experiment --workers`). Each holds
+# one case in memory (a LiTS CT can be ~1 GB as float32), so it is a small fixed number
+# rather than the CPU count.
+DEFAULT_WORKERS = 4
 
 
 def shard_name(name: str, split: str, index: int, total: int) -> str:

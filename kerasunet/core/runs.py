@@ -30,6 +30,9 @@ from kerasunet.core.preprocessing import NormSettings
 
 MODEL_FILE = "best.keras"
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.csv"
+TIMING_FILE = "timing.csv"
+CURVES_FILE = "learning_curves.png"
 
 
 class RunError(ValueError):

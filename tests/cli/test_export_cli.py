@@ -1,4 +1,4 @@
-"""Tests of ``kerasunet export`` through click's CliRunner."""
+"""Tests of ``kerasunet export`` through click's CliRunner, and one real subprocess."""
 
 import json
 
@@ -6,12 +6,12 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from tests.kerasunet.test_export import write_run
+from tests.helpers import assert_one_line_error, run_cli, write_unet_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return write_run(tmp_path_factory.mktemp("cli-export") / "run", "ct")
+    return write_unet_run(tmp_path_factory.mktemp("cli-export") / "run", "ct")
 
 
 def test_export_then_refuse_existing_version(run, tmp_path):
@@ -33,9 +33,15 @@ def test_export_then_refuse_existing_version(run, tmp_path):
 def test_missing_model(tmp_path):
     result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "nothing"),
                                        "--out", str(tmp_path / "liver")])
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert result.output.startswith(f"Error: {tmp_path / 'nothing'}: no model file")
     assert not (tmp_path / "liver").exists()
+
+
+def test_subprocess_bad_model_name_is_one_line_on_stderr(run, tmp_path):
+    proc = run_cli("export", "--model", run, "--out", tmp_path / "my model")
+    assert_one_line_error(proc, rf"^Error: {tmp_path / 'my model'}: model name 'my model' must be letters")
+    assert proc.returncode == 1 and not (tmp_path / "my model").exists()
 
 
 def test_version_must_be_positive(run, tmp_path):

@@ -1,16 +1,15 @@
-"""CLI tests of ``kerasunet predict`` and ``kerasunet evaluate`` (click CliRunner)."""
+"""CLI tests of ``kerasunet predict`` (click CliRunner, and one real subprocess)."""
 
 import json
 
-import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from tests.kerasunet.test_evaluate import lits_folder
-from tests.kerasunet.test_predict import LPS, ct_phantom, expected_ct_labels, threshold_model, write_run
+from tests.helpers import (LPS, ServingDouble, assert_one_line_error, ct_phantom, expected_ct_labels, run_cli,
+                           threshold_model, write_run)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,10 @@ def test_bad_file_gives_one_error_line_and_the_others_are_written(tmp_path, ct_r
      "Error: --model and --server are mutually exclusive"),
     ([], "Error: give --model RUN_DIR (local) or --server URL --model-name NAME"),
     (["--server", "http://localhost:8501"], "Error: --server needs --model-name"),
-    (["--model", "RUN", "--model-name", "m"], "Error: --model-name/--model-version only apply with --server"),
+    (["--model", "RUN", "--model-name", "m"], "Error: --model-name/--model-version/--timeout only apply with --server"),
+    (["--model", "RUN", "--timeout", "5"], "Error: --model-name/--model-version/--timeout only apply with --server"),
+    (["--server", "http://localhost:8501", "--model-name", "m", "--tta"],
+     "Error: --tta needs a local --model: the served graph has no flips"),
 ])
 def test_model_source_usage_errors(tmp_path, ct_run, args, message):
     args = [str(ct_run) if a == "RUN" else a for a in args]
@@ -89,54 +91,48 @@ def test_model_errors_are_one_line(tmp_path, ct_run):
     assert len(error_lines(bad)) == 1
 
 
-def test_server_options_call_the_serving_client(tmp_path, monkeypatch):
-    import kerasunet.serving_client
+def test_served_and_local_masks_are_equal(tmp_path, ct_run):
+    from kerasunet.export import export_model
 
-    calls = []
+    # a distant bright blob is a second "liver" component: post-processing drops it, on the client too
+    hu = ct_phantom((40, 16, 6))
+    hu[34:38, 10:14, 2:4] = 100.0
+    nib.save(nib.Nifti1Image(hu, LPS), str(tmp_path / "volume-4.nii.gz"))
+    export_model(ct_run, tmp_path / "saved_models" / "liver")
+    options = ["--input", tmp_path / "volume-4.nii.gz", "--batch-size", "4", "--threshold", "0.6"]
+    local = invoke("predict", "--model", ct_run, *options, "--output", tmp_path / "local")
+    with ServingDouble(tmp_path / "saved_models" / "liver") as double:
+        served = invoke("predict", "--server", double.url, "--model-name", "liver", "--model-version", "1",
+                        "--timeout", "30", *options, "--output", tmp_path / "served")
+        posts = [(path, len(body["inputs"]["image"])) for method, path, body in double.requests if method == "POST"]
+    assert local.exit_code == 0 and served.exit_code == 0, served.output
+    assert posts == [("/v1/models/liver/versions/1:predict", n) for n in (4, 2)]
+    local_mask, served_mask = (np.asarray(nib.load(str(d / "segmentation-4.nii.gz")).dataobj)
+                               for d in (tmp_path / "local", tmp_path / "served"))
+    assert not local_mask[34:38, 10:14, 2:4].any() and (local_mask[4:7, 3:6, 2:4] == 2).all()
+    np.testing.assert_array_equal(served_mask, local_mask)
 
-    def fake_remote(input_path, output_path, server, model_name, version=None, batch_size=16, timeout=60.0):
-        calls.append((input_path.name, output_path.name, server, model_name, version, batch_size, timeout))
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        output_path.write_bytes(b"mask")
-        return output_path
 
-    monkeypatch.setattr(kerasunet.serving_client, "predict_volume_remote", fake_remote)
-    nib.save(nib.Nifti1Image(ct_phantom(), np.eye(4)), str(tmp_path / "volume-4.nii.gz"))
-    result = invoke("predict", "--server", "http://host:8501", "--model-name", "liver", "--model-version", "3",
-                    "--batch-size", "8", "--input", tmp_path / "volume-4.nii.gz", "--output", tmp_path / "out")
-    assert result.exit_code == 0, result.output
-    assert calls == [("volume-4.nii.gz", "segmentation-4.nii.gz", "http://host:8501", "liver", 3, 8, 60.0)]
+def test_unreachable_server_is_one_line(tmp_path):
+    nib.save(nib.Nifti1Image(ct_phantom(), np.eye(4)), str(tmp_path / "v.nii"))
+    result = invoke("predict", "--server", "http://127.0.0.1:1", "--model-name", "liver", "--timeout", "5",
+                    "--input", tmp_path / "v.nii", "--output", tmp_path / "o.nii")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert error_lines(result) == ["Error: http://127.0.0.1:1/v1/models/liver/metadata: connection refused "
+                                   "(is the server running, and on this port?)"]
+
+
+def test_subprocess_missing_model_is_one_line_on_stderr(tmp_path):
+    nib.save(nib.Nifti1Image(ct_phantom(), np.eye(4)), str(tmp_path / "v.nii"))
+    proc = run_cli("predict", "--model", tmp_path / "nope", "--input", tmp_path / "v.nii", "--output", tmp_path / "o")
+    assert_one_line_error(proc, rf"^Error: {tmp_path / 'nope'}: no model file")
+    assert proc.returncode == 1 and proc.stdout == ""
 
 
 def test_help_documents_postprocessing_defaults():
     text = " ".join(invoke("predict", "--help").output.split())
     assert "CT keeps the largest 3D liver component" in text
     assert "smaller than this (0 keeps all). [default: 10" in text and "[default: 5.0" in text
-
-
-@pytest.mark.parametrize("style", ["repeat", "list"])
-def test_evaluate_compare_puts_both_models_in_one_table_and_figure(tmp_path, ct_run, style):
-    other = write_run(tmp_path / "other_run", threshold_model(gain=5.0))
-    data = lits_folder(tmp_path / "lits")
-    models = (["--model", ct_run, "--compare", other] if style == "repeat" else ["--compare", ct_run, other])
-    result = invoke("evaluate", *models, "--data", data, "--out", tmp_path / "report", "--overlays", "1")
-    assert result.exit_code == 0, result.output
-    assert "ct_run: liver Dice/case 1.000" in result.output
-    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-    assert list(summary["models"]) == ["ct_run", "other_run"] and summary["overlays"] == ["overlays/volume-0.png"]
-    report = (tmp_path / "report" / "report.md").read_text()
-    assert "| ct_run | 1.000" in report and "| other_run | " in report
-    assert matplotlib.image.imread(tmp_path / "report" / "overlays" / "volume-0.png").shape[1] == 4 * 260
-
-
-def test_evaluate_errors(tmp_path, ct_run):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    result = invoke("evaluate", "--model", ct_run, "--data", empty, "--out", tmp_path / "r")
-    assert result.exit_code == 1 and error_lines(result) == [
-        f"Error: {empty}: no cases found (expected volume-N.nii[.gz] files or case folders holding artery.nii[.gz])"]
-    result = invoke("evaluate", "--data", empty, "--out", tmp_path / "r")
-    assert result.exit_code == 2 and "give --model RUN_DIR" in result.output
 
 
 def test_postprocessing_switches_reach_the_settings(tmp_path, ct_run):

@@ -5,7 +5,7 @@ from kerasunet.augment import AugmentSettings
 from kerasunet.data import RecordsError, get_dataset, load_split_examples, read_manifest, verify_records
 from kerasunet.core.labels import targets_from_labels_np
 from kerasunet.core.preprocessing import normalize_np
-from tests.tfrecords_builder.test_build import LPS, phantom, save, settings_for, write_lits
+from tests.helpers import LPS, build_settings, phantom, save_nifti, write_lits
 from tfrecords_builder.build import build_records
 
 
@@ -14,8 +14,8 @@ def ct_records(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     src = write_lits(root / "lits", n=5, affines={1: LPS})
     out = root / "ct"
-    build_records(settings_for(src, out, context=1, liver_slices=4, non_liver_slices=4,
-                               val_fraction=0.2, test_fraction=0, shard_mb=0.02))
+    build_records(build_settings(src, out, context=1, liver_slices=4, non_liver_slices=4,
+                                 val_fraction=0.2, test_fraction=0, shard_mb=0.02))
     return out
 
 
@@ -25,9 +25,9 @@ def mri_records(tmp_path_factory):
     for i in range(3):
         image, label = phantom(i)
         (root / "src" / f"P{i}").mkdir(parents=True)
-        save(root / "src" / f"P{i}" / "artery.nii.gz", image.astype(np.float32) * 3 + 5000)
-        save(root / "src" / f"P{i}" / "label.nii.gz", (label == 2).astype(np.uint8))
-    build_records(settings_for(root / "src", root / "out", dataset="mri", val_fraction=0, test_fraction=0))
+        save_nifti(root / "src" / f"P{i}" / "artery.nii.gz", image.astype(np.float32) * 3 + 5000)
+        save_nifti(root / "src" / f"P{i}" / "label.nii.gz", (label == 2).astype(np.uint8))
+    build_records(build_settings(root / "src", root / "out", dataset="mri", val_fraction=0, test_fraction=0))
     return root / "out"
 
 

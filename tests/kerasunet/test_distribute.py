@@ -1,7 +1,8 @@
-"""kerasunet.distribute and the training loop under MirroredStrategy and MultiWorkerMirroredStrategy.
+"""kerasunet.distribute and the training loop under MultiWorkerMirroredStrategy.
 
-Logical CPU devices and multi-worker strategies must be set up before TensorFlow starts,
-so those runs happen in fresh subprocesses.
+Multi-worker strategies must be set up before TensorFlow starts, so those runs happen in
+fresh subprocesses. Training under MirroredStrategy on 2 logical CPUs, against a one-device
+reference, is tested in test_steps.py.
 """
 
 import json
@@ -104,15 +105,6 @@ def test_default_strategy_on_one_device(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     monkeypatch.delenv("KERASUNET_DEVICES", raising=False)
     assert select_strategy().num_replicas_in_sync == 1
-
-
-def test_mirrored_strategy_on_two_logical_cpus(records, tmp_path):
-    proc = start_worker(records, tmp_path / "run", tmp_path / "result", env_for(KERASUNET_DEVICES="cpu:2"))
-    output = finish(proc)
-    assert "training on MirroredStrategy with 2 replica(s)" in output
-    losses = json.loads((tmp_path / "result.json").read_text())
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert (tmp_path / "run" / "best.keras").is_file()
 
 
 def test_two_local_workers_end_with_identical_weights(records, tmp_path):

@@ -11,20 +11,11 @@ import pytest
 
 from kerasunet.evaluate import EvaluateError, EvaluateSettings, evaluate, find_eval_cases, name_models
 from kerasunet.figures import display, overlay_figure, pick_slice
-from tests.kerasunet.test_predict import LPS, ct_phantom, expected_ct_labels, threshold_model, write_run
+from tests.helpers import build_settings
+from tests.helpers import ct_phantom, expected_ct_labels, lits_folder, threshold_model, write_run
+from tfrecords_builder.build import build_records
 
 QUIET = {"progress": lambda line: None}
-
-
-def lits_folder(root):
-    """Three labelled CT cases (one LPS) and one unlabelled; labels are what a threshold model finds."""
-    root.mkdir()
-    for n, affine in [(0, np.eye(4)), (1, LPS), (2, np.diag([0.7, 0.7, 2.0, 1]))]:
-        hu = np.roll(ct_phantom((24, 20, 8)), n, axis=0)
-        nib.save(nib.Nifti1Image(hu, affine), str(root / f"volume-{n}.nii"))
-        nib.save(nib.Nifti1Image(expected_ct_labels(hu), affine), str(root / f"segmentation-{n}.nii"))
-    nib.save(nib.Nifti1Image(ct_phantom(), np.eye(4)), str(root / "volume-9.nii.gz"))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -44,29 +35,32 @@ def test_compare_writes_metrics_summary_report_and_shared_figures(tmp_path, runs
     out = tmp_path / "report"
     summary = evaluate(runs, data, out, EvaluateSettings(n_overlays=2), **QUIET)
     assert summary["cases"] == ["volume-0", "volume-1", "volume-2"]
-    assert summary["skipped"] == [{"case": "volume-9", "reason": "no label file"}]
+    assert summary["skipped"] == [{"case": "volume-9", "reason": "label missing"}]
     exact, liver_only = (summary["models"][m]["structures"] for m in ("exact", "liver_only"))
     assert exact["liver"]["dice_per_case"] == 1.0 and exact["tumour"]["global_dice"] == 1.0
     assert exact["tumour"]["assd"] == {"mean": 0.0, "std": 0.0, "n": 3, "n_undefined": 0}
     assert exact["tumour"]["lesion_recall"] == 1.0 and exact["tumour"]["lesion_precision"] == 1.0
     assert liver_only["tumour"]["dice_per_case"] == 0.0 and liver_only["tumour"]["lesion_recall"] == 0.0
-    assert liver_only["tumour"]["assd"]["n_undefined"] == 3 and liver_only["tumour"]["assd"]["mean"] is None
-    assert liver_only["tumour"]["lesion_precision"] is None  # no predicted lesion: undefined -> null
+    # CT defaults to the LiTS organisers' convention: no detected lesion gives their defaults
+    assert summary["convention"] == "lits2017" and summary["models"]["exact"]["convention"] == "lits2017"
+    assert liver_only["tumour"]["assd"] == {"mean": 9001.0, "std": 0.0, "n": 0, "n_undefined": 0}
+    assert liver_only["tumour"]["lesion_precision"] == 0.0  # no predicted lesion: 0, as the organisers
     baseline = summary["baselines"]["all-background"]["structures"]
-    assert baseline["liver"]["global_dice"] == 0.0 and baseline["tumour"]["rvd"]["mean"] == -1.0
+    assert baseline["liver"]["global_dice"] == 0.0 and baseline["liver"]["rvd"]["mean"] == 9001.0
 
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["case"], r["model"]) for r in rows] == [
         (c, m) for c in ["volume-0", "volume-1", "volume-2"] for m in ["exact", "liver_only"]]
-    assert float(rows[0]["tumour_dice"]) == 1.0 and rows[1]["tumour_assd_mm"] == ""
-    assert {"liver_voe", "liver_rvd", "liver_mssd_mm", "tumour_truth_lesions"} <= set(rows[0])
+    assert float(rows[0]["tumour_dice"]) == 1.0 and rows[1]["tumour_lesion_assd_mm"] == ""
+    assert {"liver_voe", "liver_rvd", "liver_mssd_mm", "liver_rmsd_mm", "tumour_truth_lesions",
+            "tumour_burden_error"} <= set(rows[0]) and {r["convention"] for r in rows} == {"lits2017"}
     assert json.loads((out / "summary.json").read_text())["overlays"] == ["overlays/volume-0.png",
                                                                          "overlays/volume-1.png"]
     report = (out / "report.md").read_text()
     assert "![volume-0](overlays/volume-0.png)" in report and "![volume-1](overlays/volume-1.png)" in report
     assert re.search(r"\| exact \| 1\.000 \| 1\.000 \|", report)
-    assert "| baseline: all-background | " in report and "skipped `volume-9`: no label file" in report
+    assert "| baseline: all-background | " in report and "skipped `volume-9`: label missing" in report
     # one figure per case holding image, truth and both models: 4 panels of 2.6 in at 100 dpi
     png = matplotlib.image.imread(out / "overlays" / "volume-0.png")
     assert png.shape[1] == 4 * 260
@@ -104,11 +98,33 @@ def test_errors_are_one_line_and_name_the_path(tmp_path, runs):
 def test_unreadable_label_is_skipped_with_its_reason(tmp_path, runs):
     data = lits_folder(tmp_path / "lits")
     nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.uint8), np.eye(4)), str(data / "segmentation-2.nii"))
+    (data / "segmentation-1.nii").write_bytes((data / "segmentation-1.nii").read_bytes()[:200])
     summary = evaluate({"exact": runs["exact"]}, data, tmp_path / "out", EvaluateSettings(n_overlays=0), **QUIET)
-    assert summary["cases"] == ["volume-0", "volume-1"]
-    assert summary["skipped"][-1]["case"] == "volume-2"
-    reason = summary["skipped"][-1]["reason"]
-    assert "segmentation-2.nii: label shape (3, 3, 3) differs from image shape (24, 20, 8)" in reason
+    assert summary["cases"] == ["volume-0"]
+    reasons = {s["case"]: s["reason"] for s in summary["skipped"]}
+    assert reasons["volume-2"] == "image shape (24, 20, 8) differs from label shape (3, 3, 3)"
+    assert reasons["volume-1"].startswith(f"{data / 'segmentation-1.nii'}: unreadable or truncated NIfTI")
+
+
+def test_bad_labels_are_skipped_with_the_reason_build_records_gives(tmp_path, runs):
+    data = lits_folder(tmp_path / "lits")
+    hu = np.roll(ct_phantom((24, 20, 8)), 3, axis=0)
+    for n, value in [(3, 7), (4, np.nan), (5, 0.5)]:
+        label = expected_ct_labels(hu).astype(np.float32)
+        label[0, 0, 0] = value
+        nib.save(nib.Nifti1Image(hu, np.eye(4)), str(data / f"volume-{n}.nii"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(data / f"segmentation-{n}.nii"))
+    summary = evaluate({"exact": runs["exact"]}, data, tmp_path / "out", EvaluateSettings(n_overlays=0), **QUIET)
+    assert summary["cases"] == ["volume-0", "volume-1", "volume-2"]
+    manifest = build_records(build_settings(data, tmp_path / "records", val_fraction=0, test_fraction=0,
+                                            liver_slices=1, non_liver_slices=0))
+    expected = {"volume-3": "label values [7] outside the expected set [0, 1, 2]",
+                "volume-4": "label contains NaN/Inf", "volume-5": "label has non-integer values",
+                "volume-9": "label missing"}
+    assert {s["case"]: s["reason"] for s in summary["skipped"]} == expected
+    assert {s["case_id"]: s["reason"] for s in manifest["skipped"]} == expected
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "- skipped `volume-3`: label values [7] outside the expected set [0, 1, 2]" in report
 
 
 def test_name_models_uses_run_folders_and_deduplicates(tmp_path):
@@ -149,8 +165,23 @@ def test_mri_phantoms_end_to_end_with_defect_cases(tmp_path, tiny_phantoms):
                        **QUIET)
     assert summary["cases"] == ["FZMC001", "FZMC003", "FZMC005", "FZMC006"]
     reasons = {s["case"]: s["reason"] for s in summary["skipped"]}
-    assert reasons["FZMC004"] == "no label file" and "differs from image shape" in reasons["FZMC002"]
+    assert reasons == {"FZMC002": "image shape (48, 40, 12) differs from label shape (48, 40, 11)",
+                       "FZMC004": "label missing"}
     assert set(summary["models"]["mri_run"]["structures"]) == {"tumour"}
     report = (tmp_path / "out" / "report.md").read_text()
     for png in summary["overlays"]:
         assert f"]({png})" in report and (tmp_path / "out" / png).stat().st_size > 1000
+
+
+def test_records_or_volume_folder_as_asked(tmp_path):
+    data = lits_folder(tmp_path / "lits")
+    with pytest.raises(EvaluateError, match=r"lits: no manifest\.json, so not a records folder \(a folder of "
+                                            r"volumes with labels goes to --input\)$"):
+        find_eval_cases(data, records=True)
+    assert find_eval_cases(data, records=False)[0] == "ct"
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "manifest.json").write_text("{}")
+    with pytest.raises(EvaluateError, match=r"records: holds manifest\.json, so it is a records folder "
+                                            r"\(give it to --records\)$"):
+        find_eval_cases(records, records=False)

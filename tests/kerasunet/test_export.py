@@ -7,79 +7,25 @@ import sys
 import textwrap
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
 from kerasunet import export as export_mod
 from kerasunet.export import ExportError, export_model, numeric_versions
-from kerasunet.core.labels import labels_from_probabilities_np
-from kerasunet.model import build_unet
-from kerasunet.core.preprocessing import NormSettings, case_stats, normalize_np
-from kerasunet.core.runs import RunError, resolve_run
+from kerasunet.core.preprocessing import NormSettings
+from kerasunet.core.runs import RunError
+from tests.helpers import UNET_DEPTH, reference_outputs, write_unet_run
 
 BIN = Path(sys.executable).parent
 KEYS = ("ct", "mri", "mixed", "resized")
-DEPTH = 2
-
-
-def write_run(folder: Path, modality: str, context: int = 1, seed: int = 0, policy: str | None = None,
-              image_size: list[int] | None = None) -> Path:
-    """A tiny run folder (best.keras + config.json) as ``kerasunet train`` writes it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    channels, outputs = 2 * context + 1, 2 if modality == "ct" else 1
-    keras.utils.set_random_seed(seed)
-    previous = keras.config.dtype_policy().name
-    keras.config.set_dtype_policy(policy or "float32")
-    try:
-        model = build_unet((None, None, channels), outputs, filters=4, depth=DEPTH, dropout=0.0)
-    finally:
-        keras.config.set_dtype_policy(previous)
-    # A freshly initialised head gives probabilities near 0.5 (exactly 0.5 where every ReLU
-    # before it is 0); a steeper head with a bias makes masks with every label and few
-    # ties at 0.5, so comparing masks means something.
-    head = model.get_layer("head_conv")
-    kernel, _ = head.get_weights()
-    head.set_weights([kernel * 20.0, np.array([0.5, -0.5][:outputs], np.float32)])
-    model.save(folder / "best.keras")
-    config = {"model": {"input_channels": channels, "num_outputs": outputs, "filters": 4,
-                        "depth": DEPTH, "dropout": 0.0},
-              "data": {"modality": modality, "context": context, "norm": NormSettings(modality).to_dict(),
-                       "image_size": image_size},
-              "train": {}, "git_commit": "test", "kerasunet_version": "test"}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
-def reference_outputs(run: Path, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keras model + kerasunet's NumPy preprocessing on raw ``[b, h, w, 2K+1]``: (probs, mask).
-
-    Statistics are those of the centre channels (the requested slices); the image is padded
-    bottom/right to a multiple of 2**depth with the normalised window low, then cropped
-    (or, for a run with ``image_size``, resized to it and the probabilities resized back).
-    """
-    info = resolve_run(run)
-    model = keras.saving.load_model(info.model_path, compile=False)
-    stats = case_stats(raw[..., info.context], info.norm)
-    x = normalize_np(raw, stats)
-    m, (h, w), size = 2**info.depth, raw.shape[1:3], info.config["data"].get("image_size")
-    if size:  # resized in, probabilities resized back (bilinear, as kerasunet.predict)
-        x = keras.ops.image.resize(x, size, interpolation="bilinear", antialias=False)
-        probs = np.asarray(keras.ops.image.resize(model(x, training=False), (h, w), interpolation="bilinear",
-                                                  antialias=False), np.float32)
-    else:
-        x = np.pad(x, [(0, 0), (0, -h % m), (0, -w % m), (0, 0)],
-                   constant_values=(stats[0] - stats[2]) / stats[3])
-        probs = np.asarray(model(x, training=False), np.float32)[:, :h, :w]
-    return probs, labels_from_probabilities_np(probs, info.modality)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    return {"ct": write_run(root / "runs/ct", "ct"), "mri": write_run(root / "runs/mri", "mri"),
-            "mixed": write_run(root / "runs/mixed", "ct", policy="mixed_float16"),
-            "resized": write_run(root / "runs/resized", "mri", image_size=[16, 16]), "root": root}
+    return {"ct": write_unet_run(root / "runs/ct", "ct"), "mri": write_unet_run(root / "runs/mri", "mri"),
+            "mixed": write_unet_run(root / "runs/mixed", "ct", policy="mixed_float16"),
+            "resized": write_unet_run(root / "runs/resized", "mri", image_size=[16, 16]), "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +97,7 @@ def test_layout_config_and_info(runs, exported):
     assert 'model_platform: "tensorflow"' in config
     assert " ".join(config.split()).count("model_version_policy { latest { num_versions: 1 } }") == 1
     info = json.loads((out / "export.json").read_text())
-    assert (info["modality"], info["context"], info["channels"], info["depth"]) == ("mri", 1, 3, DEPTH)
+    assert (info["modality"], info["context"], info["channels"], info["depth"]) == ("mri", 1, 3, UNET_DEPTH)
     assert info["norm"] == NormSettings("mri").to_dict() | {"hu_window": [-200.0, 250.0], "percentiles": [1.0, 99.0]}
     assert info["outputs"]["mask"]["labels"] == {"background": 0, "tumour": 1}
     assert info["outputs"]["probabilities"]["channels"] == ["tumour"]

@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from kerasunet.losses import LOSSES, BCEDice, Dice, MaskedTumourLoss, get_loss
+from kerasunet.core.choices import LOSSES
+from kerasunet.losses import BCEDice, Dice, MaskedTumourLoss, get_loss
 
 RNG = np.random.default_rng(0)
 
@@ -57,12 +58,27 @@ def test_bce_dice_is_the_sum():
     assert value(BCEDice(bce_weight=0.0), y_true, y_pred) == pytest.approx(dice, rel=1e-5)
 
 
-def test_focal_is_keras_binary_focal():
+def test_focal_matches_keras_binary_focal():
     loss = get_loss("focal", ("tumour",))
-    assert isinstance(loss, keras.losses.BinaryFocalCrossentropy)
     y_true, y_pred = masks()
+    expected = float(np.mean(keras.ops.convert_to_numpy(
+        keras.losses.binary_focal_crossentropy(y_true, y_pred, gamma=2.0))))
+    assert value(loss, y_true, y_pred) == pytest.approx(expected, rel=1e-5)
     confident = np.where(y_true > 0, 0.99, 0.01).astype(np.float32)
     assert value(loss, y_true, confident) < value(loss, y_true, y_pred)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_sums_of_two_halves_give_the_loss_of_the_whole_batch(name):
+    """The property the multi-replica step relies on: batch sums add up across replicas."""
+    loss = get_loss(name, ("liver", "tumour"))
+    y_true, y_pred = masks((4, 8, 8, 2))
+    halves = [loss.batch_sums(y_true[i:i + 2], y_pred[i:i + 2]) for i in (0, 2)]
+    summed = [a + b for a, b in zip(*halves)]
+    whole = value(loss, y_true, y_pred)
+    assert float(keras.ops.convert_to_numpy(loss.from_sums(summed))) == pytest.approx(whole, rel=1e-6)
+    first_half = value(loss, y_true[:2], y_pred[:2])
+    assert first_half != pytest.approx(whole, rel=1e-3)  # the halves differ, so the check means something
 
 
 def ct_case():
@@ -115,7 +131,7 @@ def test_unknown_loss():
         get_loss("l2", ("tumour",))
 
 
-@pytest.mark.parametrize("name", [n for n in LOSSES if n != "focal"])
+@pytest.mark.parametrize("name", LOSSES)
 def test_losses_serialize(name):
     loss = get_loss(name, ("liver", "tumour"))
     restored = keras.losses.deserialize(keras.losses.serialize(loss))
@@ -125,7 +141,7 @@ def test_losses_serialize(name):
     assert value(restored, y_true, y_pred) == pytest.approx(value(loss, y_true, y_pred))
 
 
-@pytest.mark.parametrize("name", ["bce", "bce_dice"])
+@pytest.mark.parametrize("name", ["bce", "bce_dice", "focal"])
 def test_saturated_predictions_still_get_gradients(name):
     # A frozen-BatchNorm transfer model can start with logits near -20; a clip at 1e-7 would
     # zero every gradient there and the model would never learn.

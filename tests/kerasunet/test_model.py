@@ -159,3 +159,80 @@ def test_save_load_round_trip_safe_mode(tmp_path):
     got = loaded.evaluate(x, y, verbose=0, return_dict=True)
     assert set(got) == {"loss", "dice_liver", "iou_liver", "dice_tumour", "iou_tumour"}
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+# --- 3D ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spacing, depth, size, plan", [
+    ((3.0, 1.2, 1.2), 3, (12, 24, 40), ((1, 2, 2), (2, 2, 2), (2, 2, 2))),  # thick slices: z waits a level
+    ((5.0, 1.0, 1.0), 2, (7, 12, 20), ((1, 2, 2), (1, 2, 2))),  # z never pooled: any D, odd included
+    ((1.0, 0.8, 2.0), 2, (12, 12, 6), ((2, 2, 1), (2, 2, 2))),  # the coarse axis can be any one
+    ((2.0, 1.0, 1.0), 1, (6, 10, 14), ((2, 2, 2),)),  # exactly twice the finest is still pooled
+    ((1.0, 1.0, 1.0), 2, (4, 20, 12), ((2, 2, 2), (2, 2, 2))),
+])
+def test_3d_pooling_per_axis_from_spacing(spacing, depth, size, plan):
+    model = build_unet((*size, 2), 3, filters=2, depth=depth, dims=3, spacing=spacing)
+    assert [model.get_layer(f"encoder_{i}_pool").pool_size for i in range(1, depth + 1)] == list(plan)
+    # Each decoder level's upsampling mirrors the pool of its level.
+    assert [tuple(model.get_layer(f"decoder_{i}_up").strides) for i in range(1, depth + 1)] == list(plan)
+    level = np.array(size)
+    for i, pool in enumerate(plan, start=1):
+        level = level // np.array(pool)
+        assert model.get_layer(f"encoder_{i}_pool").output.shape[1:4] == tuple(level)
+    out = model(np.random.default_rng(0).random((2, *size, 2), np.float32))
+    assert tuple(out.shape) == (2, *size, 3)
+    assert np.all((out.numpy() > 0) & (out.numpy() < 1))
+
+
+def test_3d_dynamic_size():
+    model = build_unet((None, None, None, 1), 1, filters=2, depth=2, dims=3, spacing=(3.0, 1.2, 1.2))
+    assert tuple(model(np.zeros((1, 6, 12, 20, 1), np.float32)).shape) == (1, 6, 12, 20, 1)
+
+
+def test_3d_has_the_2d_layers_and_blocks():
+    flat = build_unet((32, 32, 1), 2, filters=4, depth=2)
+    volume = build_unet((8, 32, 32, 1), 2, filters=4, depth=2, dims=3, spacing=(3.0, 1.2, 1.2))
+    assert [layer.name for layer in volume.layers] == [layer.name for layer in flat.layers]
+    for layer in volume.layers:
+        twin = flat.get_layer(layer.name)
+        assert [w.shape[-2:] for w in layer.weights] == [w.shape[-2:] for w in twin.weights], layer.name
+    assert tuple(volume.get_layer("encoder_1_conv_a").kernel.shape) == (3, 3, 3, 1, 4)
+    assert tuple(volume.get_layer("decoder_1_up").kernel.shape) == (2, 2, 2, 4, 8)
+    assert {block_of(layer.name) for layer in layers_in_blocks(volume, ["encoder_2"])} == {"encoder_2"}
+
+
+@pytest.mark.parametrize("shape, spacing, depth, received", [
+    ((5, 16, 16, 1), (3.0, 1.2, 1.2), 2, "factors (2, 4, 4) (spacing=(3.0, 1.2, 1.2), depth=2). "
+                                         "Received: size=(5, 16, 16)"),
+    ((8, 16, 18, 1), (3.0, 1.2, 1.2), 2, "factors (2, 4, 4) (spacing=(3.0, 1.2, 1.2), depth=2). "
+                                         "Received: size=(8, 16, 18)"),
+    ((4, None, 12, 1), None, 3, "factors (8, 8, 8) (spacing=(1.0, 1.0, 1.0), depth=3). "
+                                "Received: size=(4, None, 12)"),
+])
+def test_3d_size_not_divisible(shape, spacing, depth, received):
+    message = f"Expected sizes (D, H, W) that are positive multiples of the pooling {received}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_unet(shape, 1, filters=2, depth=depth, dims=3, spacing=spacing)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dims": 1}, "Expected dims in (2, 3). Received: dims=1"),
+    ({"dims": 3, "input_shape": (32, 32, 1)},
+     "Expected input_shape with 4 dims (D, H, W, channels). Received: input_shape=(32, 32, 1)"),
+    ({"dims": 3, "input_shape": (8, 32, 32, 1), "spacing": (1.0, 1.0)},
+     "Expected spacing with 3 values (D, H, W) in mm. Received: spacing=(1.0, 1.0)"),
+    ({"dims": 3, "input_shape": (8, 32, 32, 1), "spacing": (3.0, 0.0, 1.0)},
+     "Expected spacing of positive numbers in mm. Received: spacing=(3.0, 0.0, 1.0)"),
+])
+def test_3d_argument_checks(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_unet(**{"filters": 2, "depth": 2, **kwargs})
+
+
+def test_3d_save_load_keeps_the_pooling_plan(tmp_path):
+    model = build_unet((None, None, None, 1), 1, filters=2, depth=2, dims=3, spacing=(3.0, 1.2, 1.2))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    assert loaded.get_layer("encoder_1_pool").pool_size == (1, 2, 2)
+    x = np.random.default_rng(0).random((1, 6, 12, 20, 1), np.float32)
+    np.testing.assert_array_equal(loaded(x), model(x))

@@ -1,6 +1,5 @@
 """Tests of kerasunet.predict: orientation round trip, odd sizes, 2.5D stacks, TTA, folders."""
 
-import json
 import re
 
 import keras
@@ -14,54 +13,10 @@ from kerasunet.predict import (PredictSettings, load_predictor, plan_jobs, predi
                                slice_batch)
 from kerasunet.core.preprocessing import NormSettings, case_stats, normalize_np
 from kerasunet.core.runs import RunError
+from tests.helpers import LPS, ct_phantom, expected_ct_labels, threshold_model, write_run
 
-LPS = np.diag([-0.8, -0.8, 2.5, 1.0])
 FLIPPED_SWAPPED = np.array([[0, 0.7, 0, 10], [-0.7, 0, 0, 5], [0, 0, -3.0, 2], [0, 0, 0, 1]], float)
 NO_POST = PredictSettings(postprocess=PostprocessSettings(enabled=False))
-# The threshold model's cut-offs, in CT normalised units: (HU - 25) / 225 for the default window.
-LIVER_CUT, TUMOUR_CUT = 0.001, 0.601  # between integer HU values: no ties at p = 0.5
-
-
-def write_run(folder, model, modality="ct", context=0, depth=2, image_size=None):
-    """Saves ``model`` as a run folder (best.keras + config.json in runs.py's schema)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save(folder / "best.keras")
-    config = {"model": {"input_channels": int(model.input_shape[-1]), "num_outputs": int(model.output_shape[-1]),
-                        "filters": 4, "depth": depth, "dropout": 0.0},
-              "data": {"modality": modality, "context": context, "norm": NormSettings(modality).to_dict(),
-                       "image_size": image_size},
-              "train": {}}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
-def threshold_model(channels=1, source_channel=None, modality="ct", gain=50.0, size=(None, None)):
-    """A 1x1-conv model whose sigmoid outputs threshold one input channel (deterministic).
-
-    CT: liver = x > LIVER_CUT, tumour = x > TUMOUR_CUT; MRI: tumour = x > 0.
-    """
-    cuts = [LIVER_CUT, TUMOUR_CUT] if modality == "ct" else [0.0]
-    source = channels // 2 if source_channel is None else source_channel
-    inputs = keras.Input((*size, channels))
-    conv = keras.layers.Conv2D(len(cuts), 1, name="head_conv")
-    outputs = keras.layers.Activation("sigmoid", name="head_sigmoid")(conv(inputs))
-    kernel = np.zeros((1, 1, channels, len(cuts)), np.float32)
-    kernel[0, 0, source, :] = gain
-    conv.set_weights([kernel, -gain * np.array(cuts, np.float32)])
-    return keras.Model(inputs, outputs)
-
-
-def expected_ct_labels(hu):
-    x = (np.clip(hu, -200, 250) - 25.0) / 225.0
-    return np.where(x > TUMOUR_CUT, 2, np.where(x > LIVER_CUT, 1, 0)).astype(np.uint8)
-
-
-def ct_phantom(shape=(20, 16, 6)):
-    """Air with an off-centre liver block (100 HU) holding a tumour (200 HU): no symmetry."""
-    hu = np.full(shape, -500.0, np.float32)
-    hu[3:12, 2:9, 1:5] = 100.0
-    hu[4:7, 3:6, 2:4] = 200.0
-    return hu
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +199,37 @@ def test_synth_phantoms_round_trip_in_every_stored_orientation(tmp_path, ct_run,
         np.testing.assert_allclose(mask.affine, image.affine)
         assert mask.shape == image.shape
         np.testing.assert_array_equal(np.asarray(mask.dataobj), expected_ct_labels(image.get_fdata()))
+
+
+def test_served_masks_equal_local_masks_with_postprocessing(tmp_path, ct_run):
+    from kerasunet.export import export_model
+    from kerasunet.predict import predict_path_served
+    from tests.helpers import ServingDouble
+
+    # Post-processing has work to do: a distant second "liver" (largest component drops it)
+    # and a 4-voxel tumour in the liver (under min_tumour_voxels=10: it becomes liver).
+    hu = ct_phantom((40, 16, 6))
+    hu[34:38, 10:14, 2:4] = 100.0
+    hu[9:11, 6:8, 2] = 200.0
+    nib.save(nib.Nifti1Image(hu, LPS), str(tmp_path / "volume-7.nii"))
+    export_model(ct_run, tmp_path / "saved_models" / "liver")
+    settings = PredictSettings(batch_size=4, save_probabilities=True)
+    local = predict_path(ct_run, tmp_path / "volume-7.nii", tmp_path / "local", settings, progress=lambda line: None)
+    with ServingDouble(tmp_path / "saved_models" / "liver") as double:
+        served = predict_path_served(double.url, "liver", tmp_path / "volume-7.nii", tmp_path / "served", settings,
+                                     progress=lambda line: None)
+    assert not local.failures and not served.failures
+    local_mask, served_mask = (np.asarray(nib.load(str(r.written[0])).dataobj) for r in (local, served))
+    assert not np.array_equal(local_mask, expected_ct_labels(hu))  # post-processing changed the mask
+    np.testing.assert_array_equal(served_mask, local_mask)
+    local_probs, served_probs = (nib.load(str(d / "probabilities-7.nii.gz")).get_fdata()
+                                 for d in (tmp_path / "local", tmp_path / "served"))
+    np.testing.assert_allclose(served_probs, local_probs, atol=1e-5)
+
+
+def test_served_model_refuses_tta():
+    from kerasunet.predict import predict_path_served
+
+    with pytest.raises(ValueError, match=r"^Expected tta=False for a served model \(its graph has no flips\)\. "
+                                         r"Received: tta=True$"):
+        predict_path_served("http://127.0.0.1:1", "liver", "in.nii", "out.nii", PredictSettings(tta=True))

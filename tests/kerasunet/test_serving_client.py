@@ -1,4 +1,4 @@
-"""Tests of kerasunet.serving_client against the REST test double (tests/kerasunet/serving_double.py)."""
+"""Tests of kerasunet.serving_client against the REST test double (tests/helpers.py ``ServingDouble``)."""
 
 import json
 import re
@@ -10,12 +10,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kerasunet.export import export_model
 from kerasunet.core.nifti import load_volume, to_original_order
-from kerasunet.serving_client import (RemoteModel, ServingError, call, model_url, plan_batches, predict_volume_remote,
-                                      stack_slices)
-from tests.kerasunet.serving_double import ServingDouble
-from tests.kerasunet.test_export import reference_outputs, write_run
+from kerasunet.export import export_model
+from kerasunet.postprocess import PostprocessSettings
+from kerasunet.predict import PredictSettings, predict_path_served
+from kerasunet.serving_client import (RemoteModel, ServingError, call, fetch_model, model_url, plan_batches,
+                                      predict_probabilities)
+from tests.helpers import ServingDouble, reference_outputs, write_unet_run
+
+QUIET = {"progress": lambda line: None}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     out = {}
     for modality in ("ct", "mri"):
-        run = write_run(root / f"runs/{modality}", modality, seed=1)
+        run = write_unet_run(root / f"runs/{modality}", modality, seed=1)
         export_model(run, root / f"saved_models/liver-{modality}")
         out[modality] = run
     with ServingDouble(root / "saved_models/liver-ct") as ct, ServingDouble(root / "saved_models/liver-mri") as mri:
@@ -46,7 +49,7 @@ def write_volume(path, data):
     return affine
 
 
-def expected_mask(run, volume_path):
+def expected_outputs(run, volume_path):
     """The local computation: independent 2.5D stacks, Keras model, whole-volume statistics."""
     data = load_volume(volume_path).data
     last = data.shape[2] - 1
@@ -54,14 +57,14 @@ def expected_mask(run, volume_path):
                        for k in range(data.shape[2])])
     probs, mask = reference_outputs(run, stacks)
     decisive = np.abs(probs - 0.5).min(axis=-1) > 1e-4
-    return np.moveaxis(mask, 0, -1), np.moveaxis(decisive, 0, -1)
+    return np.moveaxis(probs, 0, 2), np.moveaxis(mask, 0, -1), np.moveaxis(decisive, 0, -1)
 
 
 def check_mask(out, run, volume_path, affine, labels):
     got = nib.load(str(out))
     np.testing.assert_array_equal(got.affine, affine)
     assert got.get_data_dtype() == np.uint8
-    mask_canonical, decisive = expected_mask(run, volume_path)
+    _, mask_canonical, decisive = expected_outputs(run, volume_path)
     img = nib.load(str(volume_path))
     np.testing.assert_array_equal(np.asarray(got.dataobj)[to_original_order(decisive, img)],
                                   to_original_order(mask_canonical, img)[to_original_order(decisive, img)])
@@ -71,26 +74,39 @@ def check_mask(out, run, volume_path, affine, labels):
 def test_mri_whole_case_one_request(served, tmp_path):
     rng = np.random.default_rng(2)
     affine = write_volume(tmp_path / "case.nii.gz", rng.gamma(2.0, 300.0, (32, 28, 5)))
-    out = predict_volume_remote(tmp_path / "case.nii.gz", tmp_path / "mask.nii.gz", served["mri"].url,
-                                "liver-mri", batch_size=2)
-    assert out == tmp_path / "mask.nii.gz"
+    settings = PredictSettings(batch_size=2, postprocess=PostprocessSettings(enabled=False))
+    result = predict_path_served(served["mri"].url, "liver-mri", tmp_path / "case.nii.gz", tmp_path / "mask.nii.gz",
+                                 settings, **QUIET)
+    assert result.written == [tmp_path / "mask.nii.gz"] and not result.failures
     requests = served["mri"].requests
     assert [(m, p) for m, p, _ in requests] == [("GET", "/v1/models/liver-mri/metadata"),
                                                 ("POST", "/v1/models/liver-mri:predict")]
     body = requests[1][2]
     assert set(body) == {"signature_name", "inputs"} and body["signature_name"] == "serving_default"
     assert list(body["inputs"]) == ["image"] and np.array(body["inputs"]["image"]).shape == (5, 32, 28, 3)
-    check_mask(out, served["runs"]["mri"], tmp_path / "case.nii.gz", affine, {0, 1})
+    check_mask(tmp_path / "mask.nii.gz", served["runs"]["mri"], tmp_path / "case.nii.gz", affine, {0, 1})
 
 
 def test_ct_batches_and_version(served, tmp_path):
     rng = np.random.default_rng(3)
     affine = write_volume(tmp_path / "ct.nii", rng.uniform(-300, 400, (24, 20, 5)))
-    out = predict_volume_remote(tmp_path / "ct.nii", tmp_path / "ct-mask.nii.gz", served["ct"].url,
-                                "liver-ct", version=1, batch_size=2)
+    settings = PredictSettings(batch_size=2, postprocess=PostprocessSettings(enabled=False))
+    result = predict_path_served(served["ct"].url, "liver-ct", tmp_path / "ct.nii", tmp_path / "ct-mask.nii.gz",
+                                 settings, version=1, **QUIET)
+    assert result.written == [tmp_path / "ct-mask.nii.gz"]
     posts = [(p, np.array(b["inputs"]["image"]).shape) for m, p, b in served["ct"].requests if m == "POST"]
     assert posts == [("/v1/models/liver-ct/versions/1:predict", (n, 24, 20, 3)) for n in (2, 2, 1)]
-    check_mask(out, served["runs"]["ct"], tmp_path / "ct.nii", affine, {0, 1, 2})
+    check_mask(tmp_path / "ct-mask.nii.gz", served["runs"]["ct"], tmp_path / "ct.nii", affine, {0, 1, 2})
+
+
+def test_probabilities_are_the_models_in_canonical_order(served, tmp_path):
+    write_volume(tmp_path / "ct.nii", np.random.default_rng(4).uniform(-300, 400, (12, 10, 3)))
+    model = fetch_model(served["ct"].url, "liver-ct")
+    assert (model.channels, model.num_outputs, model.modality, model.context) == (3, 2, "ct", 1)
+    probs = predict_probabilities(model, load_volume(tmp_path / "ct.nii").data, batch_size=2)
+    expected, _, _ = expected_outputs(served["runs"]["ct"], tmp_path / "ct.nii")
+    assert probs.shape == (12, 10, 3, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
 def test_double_row_format_and_status(served):
@@ -116,24 +132,25 @@ def test_unknown_model_or_version(served, tmp_path, name, version, which):
     suffix = f"/versions/{version}" if version else ""
     expected = (rf"^{re.escape(served['mri'].url)}/v1/models/{name}{suffix}/metadata: HTTP 404: "
                 rf"Servable not found for request: {re.escape(which)} \(model '{name}'")
-    with pytest.raises(ServingError, match=expected):
-        predict_volume_remote(tmp_path / "v.nii", tmp_path / "m.nii", served["mri"].url, name, version=version)
+    with pytest.raises(ServingError, match=expected):  # before any volume: the whole run stops
+        predict_path_served(served["mri"].url, name, tmp_path / "v.nii", tmp_path / "m.nii", version=version,
+                            **QUIET)
     assert not (tmp_path / "m.nii").exists()
 
 
 def test_server_error_body_in_message(served, tmp_path):
     write_volume(tmp_path / "v.nii", np.zeros((8, 8, 2)))
     served["mri"].fail_predict = (400, "Input to reshape is a tensor with 12 values")
-    expected = r"/v1/models/liver-mri:predict: HTTP 400: Input to reshape is a tensor with 12 values$"
-    with pytest.raises(ServingError, match=expected):
-        predict_volume_remote(tmp_path / "v.nii", tmp_path / "m.nii", served["mri"].url, "liver-mri")
+    result = predict_path_served(served["mri"].url, "liver-mri", tmp_path / "v.nii", tmp_path / "m.nii", **QUIET)
+    [(path, message)] = result.failures  # one volume failed; the others would still run
+    assert path == tmp_path / "v.nii" and not result.written and not (tmp_path / "m.nii").exists()
+    assert re.fullmatch(rf"{re.escape(served['mri'].url)}/v1/models/liver-mri:predict: HTTP 400: "
+                        r"Input to reshape is a tensor with 12 values", message)
 
 
-def test_bad_signature_name(served, tmp_path):
-    write_volume(tmp_path / "v.nii", np.zeros((8, 8, 2)))
+def test_bad_signature_name(served):
     with pytest.raises(ServingError, match=r"liver-mri/metadata: no signature 'other' \(has \['serving_default'\]\)"):
-        predict_volume_remote(tmp_path / "v.nii", tmp_path / "m.nii", served["mri"].url, "liver-mri",
-                              signature="other")
+        fetch_model(served["mri"].url, "liver-mri", signature="other")
 
 
 def test_connection_refused():
@@ -165,14 +182,6 @@ def test_server_url_needs_scheme():
         model_url("localhost:8501", "liver")
 
 
-def test_stack_slices_replicates_edges():
-    data = np.arange(4, dtype=np.float32).reshape(1, 1, 4) * np.ones((2, 3, 1), np.float32)
-    stacks = stack_slices(data, range(4), context=2)
-    assert stacks.shape == (4, 2, 3, 5)
-    assert stacks[:, 0, 0].tolist() == [[0, 0, 0, 1, 2], [0, 0, 1, 2, 3], [0, 1, 2, 3, 3], [1, 2, 3, 3, 3]]
-    assert stack_slices(data, [2], context=0)[..., 0].tolist() == [data[:, :, 2].tolist()]
-
-
 @pytest.mark.parametrize("outputs, voxels, expected", [
     (1, 100, [range(0, 5)]),                                   # MRI case that fits: one request
     (1, 10_000_000, [range(0, 2), range(2, 4), range(4, 5)]),  # MRI too large: batches + warning
@@ -183,6 +192,12 @@ def test_plan_batches(capsys, outputs, voxels, expected):
     assert plan_batches(5, voxels // 5, 2, model) == expected
     warned = capsys.readouterr().err
     assert ("normalised with its own MRI statistics" in warned) == (voxels > 8_000_000)
+
+
+@pytest.mark.parametrize("outputs, modality", [(2, "ct"), (1, "mri")])
+def test_modality_follows_the_output_channels(outputs, modality):
+    model = RemoteModel(url="u", channels=3, num_outputs=outputs)
+    assert model.modality == modality and model.one_case_per_request == (modality == "mri")
 
 
 def test_plan_batches_rejects_zero():

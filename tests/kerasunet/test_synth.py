@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kerasunet.core.nifti import find_cases, load_volume
+from kerasunet.core.cases import find_cases
+from kerasunet.core.nifti import load_volume
 from kerasunet.synth import (
     CtSettings,
     MriSettings,

@@ -1,36 +1,32 @@
-"""kerasunet.train: the run folder, transfer modes end to end, resume, NaN stop, mixed precision.
+"""kerasunet.train: the run folder, transfer modes end to end, resume, NaN stop, unreadable shards, mixed precision.
 
 Tiny sizes throughout (32x32 or the MRI phantoms' 48x40, filters 4, depth 2, a few steps).
 """
 
 import csv
 import json
+import re
+import shutil
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kerasunet.train import LOSSES, MODES, TrainError, TrainSettings, fit, train
+from kerasunet.train import TrainError, TrainSettings, fit, train
 
 TINY = dict(batch_size=4, filters=4, depth=2, dropout=0.0, augment=False, oversample_tumour=0.0,
             mixed_precision="off")
 
 
-def build(source, dataset, out):
-    from tfrecords_builder.build import BuildSettings, build_records
-
-    build_records(BuildSettings(source=str(source), dataset=dataset, out=str(out), val_fraction=0.2,
-                                test_fraction=0.0, workers=1))
-    return out
+@pytest.fixture(scope="module")
+def ct_records(tiny_records):
+    return tiny_records("lits")
 
 
-@pytest.fixture(scope="session")
-def ct_records(tiny_phantoms, tmp_path_factory):
-    return build(tiny_phantoms / "lits", "lits", tmp_path_factory.mktemp("records") / "lits")
-
-
-@pytest.fixture(scope="session")
-def mri_records(tiny_phantoms, tmp_path_factory):
-    return build(tiny_phantoms / "mri", "mri", tmp_path_factory.mktemp("records") / "mri")
+@pytest.fixture(scope="module")
+def mri_records(tiny_records):
+    return tiny_records("mri")
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +55,6 @@ def tensorboard_scalars(folder):
                 assert value.metadata.plugin_data.plugin_name == "scalars"
                 scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
     return scalars
-
-
-def test_resume_refuses_other_model_settings(tmp_path):
-    from kerasunet.train import check_run_dir
-
-    old = TrainSettings(records="r", out=str(tmp_path), filters=4)
-    (tmp_path / "config.json").write_text(json.dumps({"train": old.to_dict()}))
-    check_run_dir(tmp_path, TrainSettings(**{**old.__dict__, "resume": True, "epochs": 9}))
-    with pytest.raises(TrainError, match=rf"^{tmp_path}: cannot resume with filters=8; the run used 4$"):
-        check_run_dir(tmp_path, TrainSettings(**{**old.__dict__, "resume": True, "filters": 8}))
-
-
-def test_choices_match_the_library():
-    from kerasunet import losses, transfer
-
-    assert MODES == transfer.MODES
-    assert LOSSES == losses.LOSSES
 
 
 def test_run_folder_holds_the_contract(learned, ct_records):
@@ -276,24 +255,127 @@ def test_records_without_train_split_or_manifest(tmp_path):
         train(TrainSettings(records=str(tmp_path), out=str(tmp_path / "run")))
 
 
-def test_plateau_halves_learning_rate_and_cosine_decays(ct_records, tmp_path):
-    """The schedules on a real (untrained) Loop: plateau halves after 2 bad epochs, cosine decays."""
-    from kerasunet.train import Loop
+def copy_records(records, tmp_path):
+    """A private copy of a records folder that a test may damage."""
+    return Path(shutil.copytree(records, tmp_path / "records"))
 
-    history = []
-    settings = TrainSettings(records=str(ct_records), out=str(tmp_path / "run"), schedule="plateau",
-                             steps_per_epoch=1, image_size=(32, 32), lr=1e-3, **TINY)
-    from kerasunet.distribute import select_strategy
-    from kerasunet.train import read_manifest
-    manifest, sha = read_manifest(ct_records)
-    loop = Loop(settings, select_strategy(), manifest, sha, tmp_path / "run", tmp_path / "run", history.append)
-    loop.plateau(improved=False)
-    assert loop.current_lr() == pytest.approx(1e-3)
-    loop.plateau(improved=False)
-    assert loop.current_lr() == pytest.approx(5e-4)
-    assert any("plateau: learning rate now 0.0005" in line for line in history)
-    cosine = Loop(TrainSettings(**{**settings.__dict__, "schedule": "cosine", "epochs": 2}), select_strategy(),
-                  manifest, sha, tmp_path / "run", tmp_path / "run", history.append)
-    assert cosine.current_lr() == pytest.approx(1e-3)
-    cosine.optimizer.iterations.assign(1)
-    assert cosine.current_lr() == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi / 2)), rel=1e-4)
+
+def train_shard(records):
+    manifest = json.loads((records / "manifest.json").read_text())
+    return records / manifest["splits"]["train"]["shards"][0]["file"]
+
+
+def test_truncated_shard_stops_in_one_line_and_keeps_the_last_checkpoint(ct_records, tmp_path):
+    import tensorflow as tf
+
+    records = copy_records(ct_records, tmp_path)
+    settings = TrainSettings(records=str(records), out=str(tmp_path / "run"), epochs=1, steps_per_epoch=1,
+                             image_size=(32, 32), **TINY)
+    train(settings)
+    shard = train_shard(records)
+    # Cut inside the second record (TFRecord: 8-byte length, 4-byte CRC, data, 4-byte CRC). A cut
+    # inside a record header reads as a clean end of file in TensorFlow and raises nothing.
+    content = shard.read_bytes()
+    length = struct.unpack("<Q", content[:8])[0]
+    shard.write_bytes(content[:(length + 16) + 12 + length // 2])
+    resumed = TrainSettings(**{**settings.__dict__, "epochs": 2, "resume": True})
+    with pytest.raises(TrainError, match=rf"^{re.escape(str(shard))}: SHA-256 mismatch \(expected [0-9a-f]{{12}}…, "
+                                         rf"got [0-9a-f]{{12}}…\); training stopped in epoch 2; last good checkpoint "
+                                         rf"kept at .*ckpt-1$"):
+        train(resumed)
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("ckpt-1")
+    assert [r["epoch"] for r in read_csv(tmp_path / "run" / "history.csv")] == ["1"]
+
+
+def test_deleted_validation_shard_is_named(ct_records, tmp_path):
+    records = copy_records(ct_records, tmp_path)
+    manifest = json.loads((records / "manifest.json").read_text())
+    shard = records / manifest["splits"]["val"]["shards"][0]["file"]
+    shard.unlink()
+    settings = TrainSettings(records=str(records), out=str(tmp_path / "run"), epochs=1, steps_per_epoch=1,
+                             image_size=(32, 32), **TINY)
+    message = (f"{shard}: unreadable (NotFoundError: No such file or directory); training stopped in epoch 1; "
+               "no checkpoint was written (no epoch had finished)")
+    with pytest.raises(TrainError, match=f"^{re.escape(message)}$"):
+        train(settings)
+
+
+RESUMED = dict(records="r", out="o", epochs=5, lr=1e-4, filters=4, depth=2, image_size=(32, 32), resume=True)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", 1e-3, "lr=0.001; the run used lr=0.0001 (pass --lr 0.0001 to continue it"),
+    ("schedule", "cosine", "schedule='cosine'; the run used schedule='none' (pass --schedule none"),
+    ("loss", "bce", "loss='bce'; the run used loss='bce_dice' (pass --loss bce_dice"),
+    ("seed", 3, "seed=3; the run used seed=0 (pass --seed 0"),
+    ("batch_size", 8, "batch_size=8; the run used batch_size=10 (pass --batch-size 10"),
+    ("augment", False, "augment=False; the run used augment=True (pass --augment"),
+    ("oversample_tumour", 0.0, "oversample_tumour=0.0; the run used oversample_tumour=0.33 (pass "
+                               "--oversample-tumour 0.33"),
+    ("steps_per_epoch", 7, "steps_per_epoch=7; the run used steps_per_epoch=None (pass no --steps-per-epoch"),
+    ("image_size", (64, 64), "image_size=[64, 64]; the run used image_size=[32, 32] (pass --image-size 32x32"),
+    ("filters", 8, "filters=8; the run used filters=4 (pass --filters 4"),
+    ("mixed_precision", "on", "mixed_precision='on'; the run used mixed_precision='auto' (pass "
+                              "--mixed-precision auto"),
+    ("epochs", 4, "epochs=4; the run used epochs=5 and --epochs may only be raised (pass --epochs 5 or more)"),
+])
+def test_resume_refuses_any_changed_setting_but_more_epochs(tmp_path, field, value, message):
+    from kerasunet.rundir import check_run_dir
+
+    old = TrainSettings(**{**RESUMED, "out": str(tmp_path)})
+    (tmp_path / "config.json").write_text(json.dumps({"train": old.to_dict(), "data": {"manifest_sha256": "ab"}}))
+    check_run_dir(tmp_path, TrainSettings(**{**old.__dict__, "epochs": 9, "records": "moved"}), "ab")
+    with pytest.raises(TrainError, match=f"^{re.escape(f'{tmp_path}: cannot resume with {message}')}"):
+        check_run_dir(tmp_path, TrainSettings(**{**old.__dict__, field: value}), "ab")
+
+
+def test_resume_refuses_other_records_and_pretrained(tmp_path):
+    from kerasunet.rundir import check_run_dir
+
+    old = TrainSettings(**{**RESUMED, "out": str(tmp_path), "mode": "init", "pretrained": "ct"})
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"train": old.to_dict(), "data": {"records": "/data/ct", "manifest_sha256": "ab" * 32}}))
+    with pytest.raises(TrainError, match=re.escape("cannot resume with pretrained='ct2'; the run used "
+                                                   "pretrained='ct' (pass --pretrained ct to continue it")):
+        check_run_dir(tmp_path, TrainSettings(**{**old.__dict__, "pretrained": "ct2"}), "ab" * 32)
+    with pytest.raises(TrainError, match=f"^{re.escape(str(tmp_path))}: cannot resume on other records: r has "
+                                         "manifest sha256 cdcdcdcdcdcd…, the run used abababababab… "
+                                         r"\(/data/ct\); pass those records, or choose a new --out$"):
+        check_run_dir(tmp_path, old, "cd" * 32)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"model": {}}', "[1, 2]", ""])
+def test_resume_with_a_corrupt_config_is_one_line(ct_records, tmp_path, text):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    settings = TrainSettings(records=str(ct_records), out=str(run), resume=True, **TINY)
+    with pytest.raises(TrainError, match=rf"^{re.escape(str(run / 'config.json'))}: unreadable run config "
+                                         r"\([^\n]+\); restore it, or choose a new --out for a new run$"):
+        train(settings)
+
+
+@pytest.mark.parametrize("wait, improved, expected", [
+    (0, True, (0, False)), (0, False, (1, False)), (1, False, (0, True)), (1, True, (0, False)),
+])
+def test_plateau_rule(wait, improved, expected):
+    from kerasunet.schedule import plateau_update
+
+    assert plateau_update(wait, improved) == expected
+
+
+def test_plateau_halves_the_optimizer_rate_and_cosine_decays():
+    import keras
+    import tensorflow as tf
+
+    from kerasunet.schedule import apply_plateau, current_lr, learning_rate
+
+    optimizer = keras.optimizers.Adam(learning_rate(1e-3, "plateau", 10))
+    wait = tf.Variable(0, dtype=tf.int64)
+    assert apply_plateau(optimizer, wait, improved=False) is None and int(wait.numpy()) == 1
+    assert apply_plateau(optimizer, wait, improved=False) == pytest.approx(5e-4)
+    assert current_lr(optimizer) == pytest.approx(5e-4) and int(wait.numpy()) == 0
+    cosine = keras.optimizers.Adam(learning_rate(1e-3, "cosine", 2))
+    assert current_lr(cosine) == pytest.approx(1e-3)
+    cosine.iterations.assign(1)
+    assert current_lr(cosine) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi / 2)), rel=1e-4)

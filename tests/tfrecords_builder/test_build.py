@@ -1,51 +1,12 @@
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from kerasunet.data import load_split_examples, read_manifest, verify_records
 from kerasunet.core.nifti import load_volume
+from tests.helpers import LPS, PHANTOM_SHAPE, build_settings, phantom, save_nifti, write_lits
 from tfrecords_builder.build import BuildError, BuildSettings, assign_splits, build_records, split_counts
-
-RAS = np.diag([0.8, 0.7, 2.5, 1.0])
-LPS = np.diag([-0.8, -0.7, 2.5, 1.0])
-SHAPE = (24, 20, 14)
-
-
-def phantom(seed: int, shape=SHAPE, liver=(3, 10), tumour=(5, 7)):
-    """A CT-like volume (HU) and a LiTS label: liver in z range ``liver``, tumour in ``tumour``."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(-1000, 400, size=shape).astype(np.int16)
-    label = np.zeros(shape, np.uint8)
-    label[4:18, 3:15, liver[0]:liver[1]] = 1
-    label[8:12, 6:10, tumour[0]:tumour[1]] = 2
-    return image, label
-
-
-def save(path, data, affine=RAS, slope=None):
-    img = nib.Nifti1Image(data, affine)
-    if slope is not None:
-        img.header.set_slope_inter(*slope)
-    nib.save(img, str(path))
-
-
-def write_lits(root, n=5, affines=None, suffixes=None, start=0):
-    """Writes ``n`` LiTS cases ``volume-i`` / ``segmentation-i``; returns the folder."""
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(start, start + n):
-        image, label = phantom(i)
-        affine = (affines or {}).get(i, RAS)
-        suffix = (suffixes or {}).get(i, ".nii")
-        save(root / f"volume-{i}{suffix}", image, affine, slope=(1.0, 0.0) if i % 2 else None)
-        save(root / f"segmentation-{i}{suffix}", label, affine)
-    return root
-
-
-def settings_for(src, out, **kw):
-    kw.setdefault("workers", 1)
-    kw.setdefault("dataset", "lits")
-    return BuildSettings(source=str(src), out=str(out), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +18,8 @@ def lits_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(lits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("records") / "ct"
-    return out, build_records(settings_for(lits_dir, out, val_fraction=0.2, test_fraction=0.2,
-                                           liver_slices=4, non_liver_slices=3, shard_mb=0.01))
+    return out, build_records(build_settings(lits_dir, out, val_fraction=0.2, test_fraction=0.2,
+                                             liver_slices=4, non_liver_slices=3, shard_mb=0.01))
 
 
 def _source_slices(manifest, case_id, context):
@@ -75,8 +36,8 @@ def _source_slices(manifest, case_id, context):
 @pytest.mark.parametrize("context", [0, 1])
 def test_round_trip_gives_back_canonical_voxels_and_labels(lits_dir, tmp_path, context):
     out = tmp_path / "rec"
-    manifest = build_records(settings_for(lits_dir, out, context=context, liver_slices=4,
-                                          non_liver_slices=3, val_fraction=0.2, test_fraction=0.2))
+    manifest = build_records(build_settings(lits_dir, out, context=context, liver_slices=4,
+                                            non_liver_slices=3, val_fraction=0.2, test_fraction=0.2))
     assert manifest["channels"] == 2 * context + 1
     seen = set()
     for split, entry in manifest["splits"].items():
@@ -122,7 +83,7 @@ def test_manifest_lists_splits_shards_cases_and_stats(built):
         assert 0 < stats["foreground_fraction"]["tumour"] < stats["foreground_fraction"]["liver"] < 1
         assert stats["tumour_slices"] > 0
     case = manifest["cases"]["volume-0"]
-    assert case["shape"] == list(SHAPE) and case["spacing"] == pytest.approx([0.8, 0.7, 2.5])
+    assert case["shape"] == list(PHANTOM_SHAPE) and case["spacing"] == pytest.approx([0.8, 0.7, 2.5])
     # liver spans z 3..9: 4 evenly spaced + the 3 nearest slices without liver (below first on ties)
     assert case["slices"] == [1, 2, 3, 5, 7, 9, 10]
     assert verify_records(out) == []
@@ -131,25 +92,25 @@ def test_manifest_lists_splits_shards_cases_and_stats(built):
 
 def test_no_case_in_two_splits_and_split_is_seeded(lits_dir):
     ids = [f"volume-{i}" for i in range(10)]
-    a = assign_splits(ids, settings_for(lits_dir, "x", seed=3, val_fraction=0.2, test_fraction=0.2))
-    assert a == assign_splits(ids, settings_for(lits_dir, "x", seed=3, val_fraction=0.2, test_fraction=0.2))
-    assert a != assign_splits(ids, settings_for(lits_dir, "x", seed=4, val_fraction=0.2, test_fraction=0.2))
+    a = assign_splits(ids, build_settings(lits_dir, "x", seed=3, val_fraction=0.2, test_fraction=0.2))
+    assert a == assign_splits(ids, build_settings(lits_dir, "x", seed=3, val_fraction=0.2, test_fraction=0.2))
+    assert a != assign_splits(ids, build_settings(lits_dir, "x", seed=4, val_fraction=0.2, test_fraction=0.2))
     assert sorted(sum(a.values(), [])) == sorted(ids)
     assert (len(a["train"]), len(a["val"]), len(a["test"])) == (6, 2, 2)
 
 
 def test_holdout_last_holds_out_the_last_cases(lits_dir):
     ids = [f"volume-{i}" for i in range(10)]
-    a = assign_splits(ids, settings_for(lits_dir, "x", holdout="last", val_fraction=0.1, test_fraction=0.2))
+    a = assign_splits(ids, build_settings(lits_dir, "x", holdout="last", val_fraction=0.1, test_fraction=0.2))
     assert a == {"train": ids[:7], "val": ["volume-7"], "test": ["volume-8", "volume-9"]}
 
 
 def test_explicit_split_lists(lits_dir):
     ids = ["a", "b", "c", "d"]
-    a = assign_splits(ids, settings_for(lits_dir, "x", val_cases=("b",), test_cases=("d",)))
+    a = assign_splits(ids, build_settings(lits_dir, "x", val_cases=("b",), test_cases=("d",)))
     assert a == {"train": ["a", "c"], "val": ["b"], "test": ["d"]}
     with pytest.raises(BuildError, match=r"Expected test_cases to name usable cases. Received: \['zz'\]"):
-        assign_splits(ids, settings_for(lits_dir, "x", test_cases=("zz",)))
+        assign_splits(ids, build_settings(lits_dir, "x", test_cases=("zz",)))
 
 
 @pytest.mark.parametrize("n, fractions, expected", [(3, (0.1, 0.1), (1, 1)), (10, (0.25, 0.15), (3, 2)),
@@ -179,27 +140,27 @@ def test_rerun_of_finished_build_is_a_noop_and_other_settings_need_overwrite(bui
     out, manifest = built
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     messages = []
-    again = build_records(settings_for(lits_dir, out, val_fraction=0.2, test_fraction=0.2, liver_slices=4,
-                                       non_liver_slices=3, shard_mb=0.01, workers=3), log=messages.append)
+    again = build_records(build_settings(lits_dir, out, val_fraction=0.2, test_fraction=0.2, liver_slices=4,
+                                         non_liver_slices=3, shard_mb=0.01, workers=3), log=messages.append)
     assert again == json.loads(json.dumps(manifest))
     assert "nothing to do" in messages[0]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     with pytest.raises(BuildError, match=r"holds a finished build with different settings \(context: 0 -> 1\)"):
-        build_records(settings_for(lits_dir, out, val_fraction=0.2, test_fraction=0.2, liver_slices=4,
-                                   non_liver_slices=3, shard_mb=0.01, context=1))
+        build_records(build_settings(lits_dir, out, val_fraction=0.2, test_fraction=0.2, liver_slices=4,
+                                     non_liver_slices=3, shard_mb=0.01, context=1))
 
 
 def test_settings_hash_ignores_run_only_fields_and_number_types(lits_dir):
-    a = settings_for(lits_dir, "a", hu_window=(-200, 250), shard_mb=128, workers=1)
-    b = settings_for(lits_dir, "b", hu_window=(-200.0, 250.0), workers=4, overwrite=True)
+    a = build_settings(lits_dir, "a", hu_window=(-200, 250), shard_mb=128, workers=1)
+    b = build_settings(lits_dir, "b", hu_window=(-200.0, 250.0), workers=4, overwrite=True)
     assert a.settings_hash() == b.settings_hash()
-    assert a.settings_hash() != settings_for(lits_dir, "a", context=1).settings_hash()
+    assert a.settings_hash() != build_settings(lits_dir, "a", context=1).settings_hash()
 
 
 def test_overwrite_rebuilds_with_new_settings(lits_dir, tmp_path):
     out = tmp_path / "rec"
-    build_records(settings_for(lits_dir, out, liver_slices=2, non_liver_slices=0, shard_mb=0.001))
-    manifest = build_records(settings_for(lits_dir, out, liver_slices=1, non_liver_slices=0, overwrite=True))
+    build_records(build_settings(lits_dir, out, liver_slices=2, non_liver_slices=0, shard_mb=0.001))
+    manifest = build_records(build_settings(lits_dir, out, liver_slices=1, non_liver_slices=0, overwrite=True))
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(["manifest.json"] + [s["file"] for e in manifest["splits"].values() for s in e["shards"]])
     assert manifest["splits"]["train"]["num_examples"] == len(manifest["splits"]["train"]["cases"])
@@ -207,15 +168,69 @@ def test_overwrite_rebuilds_with_new_settings(lits_dir, tmp_path):
 
 def test_parallel_workers_write_the_same_shards(lits_dir, tmp_path, built):
     out, manifest = built
-    par = build_records(settings_for(lits_dir, tmp_path / "par", val_fraction=0.2, test_fraction=0.2,
-                                     liver_slices=4, non_liver_slices=3, shard_mb=0.01, workers=2))
+    par = build_records(build_settings(lits_dir, tmp_path / "par", val_fraction=0.2, test_fraction=0.2,
+                                       liver_slices=4, non_liver_slices=3, shard_mb=0.01, workers=2))
     assert par["splits"] == manifest["splits"]
 
 
 def test_gzip_shards_read_back(lits_dir, tmp_path):
     out = tmp_path / "gz"
-    manifest = build_records(settings_for(lits_dir, out, gzip=True, liver_slices=2, non_liver_slices=1,
-                                          val_fraction=0, test_fraction=0))
+    manifest = build_records(build_settings(lits_dir, out, gzip=True, liver_slices=2, non_liver_slices=1,
+                                            val_fraction=0, test_fraction=0))
     assert manifest["compression"] == "GZIP" and list(manifest["splits"]) == ["train"]
     assert len(list(load_split_examples(out, "train"))) == 6 * 3
     assert verify_records(out) == []
+
+
+def _change_after_validation(changes):
+    """A ``progress`` callback that applies ``changes()`` once every case is validated, before any is written."""
+    def progress(stage, done, total, slices):
+        if stage == "validate" and done == total:
+            changes()
+    return progress
+
+
+def test_cases_that_change_while_shards_are_written_are_skipped_with_their_reason(tmp_path):
+    src = write_lits(tmp_path / "lits", n=5)
+    _, label = phantom(3)
+
+    def corrupt():
+        bad = label.copy()
+        bad[0, 0, 0] = 7
+        save_nifti(src / "segmentation-0.nii", bad)  # the first case of the split
+        save_nifti(src / "segmentation-3.nii", label[:, :, :-1])  # a later one
+
+    out = tmp_path / "out"
+    manifest = build_records(build_settings(src, out, val_fraction=0, test_fraction=0, liver_slices=2,
+                                            non_liver_slices=1), progress=_change_after_validation(corrupt))
+    changed = " (the files changed during the build)"
+    assert manifest["skipped"] == [
+        {"case_id": "volume-0", "reason": "label values [7] outside the expected set [0, 1, 2]" + changed},
+        {"case_id": "volume-3", "reason": "image shape (24, 20, 14) differs from label shape (24, 20, 13)" + changed}]
+    kept = ["volume-1", "volume-2", "volume-4"]
+    entry = manifest["splits"]["train"]
+    assert entry["cases"] == kept and sorted(manifest["cases"]) == kept
+    examples = list(load_split_examples(out, "train"))
+    assert entry["num_examples"] == len(examples) == 3 * 3 == manifest["class_stats"]["train"]["num_slices"]
+    assert sorted({e["case_id"] for e in examples}) == kept
+    assert verify_records(out) == [] and read_manifest(out) == json.loads(json.dumps(manifest))
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json"] + [s["file"] for s in entry["shards"]])
+
+
+def test_a_split_left_without_cases_stops_in_one_line_and_resumes_once_fixed(tmp_path):
+    src = write_lits(tmp_path / "lits", n=3)
+    image, label = phantom(2)
+    settings = build_settings(src, tmp_path / "out", val_cases=("volume-2",), liver_slices=2, non_liver_slices=1)
+    nan = image.astype(np.float32)
+    nan[1, 1, 1] = np.nan
+    with pytest.raises(BuildError) as raised:
+        build_records(settings, progress=_change_after_validation(lambda: save_nifti(src / "volume-2.nii", nan)))
+    assert str(raised.value) == (f"{tmp_path / 'out'}: split 'val' has zero examples (skipped volume-2: "
+                                 f"image contains NaN/Inf (the files changed during the build))")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    save_nifti(src / "volume-2.nii", image)
+    messages = []
+    manifest = build_records(settings, log=messages.append)
+    assert messages == [f"{tmp_path / 'out'}: resuming; splits already written: train"]
+    assert manifest["splits"]["val"]["cases"] == ["volume-2"] and manifest["skipped"] == []
+    assert verify_records(tmp_path / "out") == []

@@ -3,11 +3,11 @@ import re
 import numpy as np
 import pytest
 
-from kerasunet.core.nifti import CaseFiles
+from kerasunet.core.cases import find_dataset_cases
 from kerasunet.core.preprocessing import NormSettings
-from tests.tfrecords_builder.test_build import phantom, save, settings_for, write_lits
+from tests.helpers import build_settings, phantom, save_nifti, write_lits
 from tfrecords_builder.build import BuildError, build_records
-from tfrecords_builder.ingest import CaseTask, SkipCase, find_dataset_cases, inspect_case, load_case
+from tfrecords_builder.ingest import CaseTask, inspect_case
 from tfrecords_builder.selection import SelectionSettings
 
 
@@ -15,26 +15,26 @@ def write_defects(root):
     """Two good LiTS cases (0, 1) and one case per defect (2..8)."""
     write_lits(root, n=2)
     image, label = phantom(0)
-    save(root / "volume-2.nii", image)  # no segmentation-2
-    save(root / "volume-3.nii", image)
-    save(root / "segmentation-3.nii", label[:, :, :-1])
-    save(root / "volume-4.nii", image)
-    save(root / "segmentation-4.nii", label)
+    save_nifti(root / "volume-2.nii", image)  # no segmentation-2
+    save_nifti(root / "volume-3.nii", image)
+    save_nifti(root / "segmentation-3.nii", label[:, :, :-1])
+    save_nifti(root / "volume-4.nii", image)
+    save_nifti(root / "segmentation-4.nii", label)
     (root / "volume-4.nii").write_bytes((root / "volume-4.nii").read_bytes()[:3000])
     nan = image.astype(np.float32)
     nan[2, 2, 2] = np.nan
-    save(root / "volume-5.nii", nan)
-    save(root / "segmentation-5.nii", label)
+    save_nifti(root / "volume-5.nii", nan)
+    save_nifti(root / "segmentation-5.nii", label)
     bad = label.copy()
     bad[0, 0, 0] = 7
-    save(root / "volume-6.nii", image)
-    save(root / "segmentation-6.nii", bad)
+    save_nifti(root / "volume-6.nii", image)
+    save_nifti(root / "segmentation-6.nii", bad)
     frac = label.astype(np.float32)
     frac[0, 0, 0] = 0.5
-    save(root / "volume-7.nii", image)
-    save(root / "segmentation-7.nii", frac)
-    save(root / "volume-8.nii.gz", image)
-    save(root / "segmentation-8.nii.gz", label)
+    save_nifti(root / "volume-7.nii", image)
+    save_nifti(root / "segmentation-7.nii", frac)
+    save_nifti(root / "volume-8.nii.gz", image)
+    save_nifti(root / "segmentation-8.nii.gz", label)
     blob = (root / "volume-8.nii.gz").read_bytes()
     (root / "volume-8.nii.gz").write_bytes(blob[: len(blob) // 2])
     return root
@@ -53,8 +53,8 @@ EXPECTED_REASONS = {
 
 def test_every_defect_case_is_skipped_with_its_reason(tmp_path):
     src = write_defects(tmp_path / "lits")
-    manifest = build_records(settings_for(src, tmp_path / "out", val_fraction=0, test_fraction=0,
-                                          liver_slices=2, non_liver_slices=1))
+    manifest = build_records(build_settings(src, tmp_path / "out", val_fraction=0, test_fraction=0,
+                                            liver_slices=2, non_liver_slices=1))
     reasons = {s["case_id"]: s["reason"] for s in manifest["skipped"]}
     assert set(reasons) == set(EXPECTED_REASONS)
     for case_id, pattern in EXPECTED_REASONS.items():
@@ -63,29 +63,12 @@ def test_every_defect_case_is_skipped_with_its_reason(tmp_path):
     assert set(manifest["cases"]) == {"volume-0", "volume-1"}
 
 
-def test_label_floats_are_rounded_before_checking(tmp_path):
-    image, label = phantom(0)
-    save(tmp_path / "v.nii", image)
-    save(tmp_path / "s.nii", label.astype(np.float32) + 1e-5)
-    _, loaded = load_case(CaseFiles("c", tmp_path / "v.nii", tmp_path / "s.nii"), "ct")
-    assert loaded.dtype == np.uint8
-    np.testing.assert_array_equal(loaded, label)
-
-
-def test_mri_labels_allow_only_zero_and_one(tmp_path):
-    image, label = phantom(0)
-    save(tmp_path / "v.nii", image)
-    save(tmp_path / "s.nii", label)
-    with pytest.raises(SkipCase, match=r"label values \[2\] outside the expected set \[0, 1\]"):
-        load_case(CaseFiles("c", tmp_path / "v.nii", tmp_path / "s.nii"), "mri")
-
-
 def test_mri_case_facts_use_percentile_stats(tmp_path):
     case = tmp_path / "mri" / "P1"
     case.mkdir(parents=True)
     image, label = phantom(3)
-    save(case / "artery.nii.gz", image.astype(np.float32) + 2000)
-    save(case / "label.nii.gz", (label == 2).astype(np.uint8))
+    save_nifti(case / "artery.nii.gz", image.astype(np.float32) + 2000)
+    save_nifti(case / "label.nii.gz", (label == 2).astype(np.uint8))
     (files,) = find_dataset_cases(tmp_path / "mri", "mri")
     info = inspect_case(CaseTask(files, NormSettings("mri"), SelectionSettings(all_slices=True)))
     assert info["slices"] == list(range(14)) and info["tumour_slices"] == 2
@@ -98,13 +81,13 @@ def test_no_usable_case_is_a_clear_error(tmp_path):
     src = tmp_path / "lits"
     src.mkdir()
     image, _ = phantom(0)
-    save(src / "volume-1.nii", image)
+    save_nifti(src / "volume-1.nii", image)
     with pytest.raises(BuildError, match=r"lits: no usable case left \(1 skipped: volume-1: label missing\)"):
-        build_records(settings_for(src, tmp_path / "out"))
+        build_records(build_settings(src, tmp_path / "out"))
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_folder_without_cases_is_a_clear_error(tmp_path):
     with pytest.raises(BuildError, match=r"empty: no lits cases found \(expected volume-N\.nii\[\.gz\] files\)"):
         (tmp_path / "empty").mkdir()
-        build_records(settings_for(tmp_path / "empty", tmp_path / "out"))
+        build_records(build_settings(tmp_path / "empty", tmp_path / "out"))

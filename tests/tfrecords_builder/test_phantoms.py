@@ -5,7 +5,7 @@ import numpy as np
 from kerasunet.data import get_dataset, load_split_examples, verify_records
 from kerasunet.core.nifti import load_volume
 from kerasunet.core.preprocessing import normalize_np
-from tests.tfrecords_builder.test_build import settings_for
+from tests.helpers import build_settings
 from tfrecords_builder.build import build_records
 
 
@@ -23,8 +23,8 @@ def _check_voxels(out, manifest, context):
 
 def test_lits_phantoms_round_trip_with_context_and_holdout_last(tiny_phantoms, tmp_path):
     out = tmp_path / "ct"
-    manifest = build_records(settings_for(tiny_phantoms / "lits", out, context=1, holdout="last",
-                                          liver_slices=5, non_liver_slices=2))
+    manifest = build_records(build_settings(tiny_phantoms / "lits", out, context=1, holdout="last",
+                                            liver_slices=5, non_liver_slices=2))
     assert manifest["splits"]["test"]["cases"] == ["volume-5"]  # stored PLI
     assert manifest["splits"]["val"]["cases"] == ["volume-4"]
     assert manifest["skipped"] == []
@@ -34,8 +34,8 @@ def test_lits_phantoms_round_trip_with_context_and_holdout_last(tiny_phantoms, t
 
 def test_mri_phantoms_skip_defects_and_normalise_per_case(tiny_phantoms, tmp_path):
     out = tmp_path / "mri"
-    manifest = build_records(settings_for(tiny_phantoms / "mri", out, dataset="mri", val_fraction=0.25,
-                                          test_fraction=0, seed=1))
+    manifest = build_records(build_settings(tiny_phantoms / "mri", out, dataset="mri", val_fraction=0.25,
+                                            test_fraction=0, seed=1))
     reasons = {s["case_id"]: s["reason"] for s in manifest["skipped"]}
     assert reasons == {"FZMC002": "image shape (48, 40, 12) differs from label shape (48, 40, 11)",
                        "FZMC004": "label missing"}

@@ -2,7 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kerasunet.core.nifti import VolumeError, find_cases, load_volume, save_like
+from kerasunet.core.nifti import VolumeError, load_volume, save_like
 
 LPS = np.diag([-0.8, -0.8, 2.5, 1.0])
 FLIPPED_SWAPPED = np.array([[0, 0.7, 0, 10], [-0.7, 0, 0, 5], [0, 0, -3.0, 2], [0, 0, 0, 1]], float)
@@ -40,21 +40,3 @@ def test_truncated_file_gives_one_line_error(tmp_path):
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(VolumeError, match=r"volume-1\.nii: unreadable or truncated NIfTI"):
         load_volume(path)
-
-
-def test_find_cases_detects_both_layouts(tmp_path):
-    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
-    lits = tmp_path / "lits"
-    lits.mkdir()
-    for name in ["volume-10.nii", "volume-2.nii.gz", "segmentation-2.nii.gz"]:
-        nib.save(img, str(lits / name))
-    layout, cases = find_cases(lits)
-    assert layout == "lits" and [c.case_id for c in cases] == ["volume-2", "volume-10"]
-    assert cases[0].label is not None and cases[1].label is None
-    mri = tmp_path / "mri"
-    (mri / "FZMC001").mkdir(parents=True)
-    nib.save(img, str(mri / "FZMC001" / "artery.nii"))
-    layout, cases = find_cases(mri)
-    assert layout == "mri" and cases[0].case_id == "FZMC001" and cases[0].label is None
-    with pytest.raises(VolumeError, match="no cases found"):
-        find_cases(mri, phase="portal")
