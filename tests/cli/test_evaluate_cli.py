@@ -25,7 +25,7 @@ def test_repeated_model_puts_both_models_in_one_table_and_figure(tmp_path, ct_ru
     result = invoke("evaluate", "--model", ct_run, "--model", other, "--input", data, "--out", tmp_path / "report",
                     "--overlays", "1")
     assert result.exit_code == 0, result.output
-    assert "ct_run: liver Dice/case 1.000" in result.output
+    assert "ct_run (lits2017): liver Dice/case 1.000" in result.output
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert list(summary["models"]) == ["ct_run", "other_run"] and summary["overlays"] == ["overlays/volume-0.png"]
     report = (tmp_path / "report" / "report.md").read_text()
@@ -57,7 +57,7 @@ def test_records_reads_the_manifest_split(tmp_path, ct_run):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "Error: Missing option '--model'"),
+    ([], "Error: give --model (repeatable), or --pred DIR --truth DIR to score masks"),
     (["--model", "RUN"], "Error: give --records DIR (a records folder) or --input DIR (volumes with labels)"),
     (["--model", "RUN", "--records", "D", "--input", "D"], "Error: give --records DIR"),
     (["--model", "RUN", "--input", "D", "--split", "val"], "Error: --split applies to --records only"),
@@ -85,3 +85,42 @@ def test_subprocess_missing_model_is_one_line_on_stderr(tmp_path):
     proc = run_cli("evaluate", "--model", tmp_path / "nope", "--input", data, "--out", tmp_path / "r")
     assert_one_line_error(proc, rf"^Error: {tmp_path / 'nope'}: no model file")
     assert proc.returncode == 1 and not (tmp_path / "r").exists()
+
+
+def test_pred_truth_scores_mask_folders_with_the_lits2017_convention(tmp_path):
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    truth = lits_folder(tmp_path / "truth")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for path in sorted(truth.glob("segmentation-*")):
+        shutil.copy(path, pred / path.name)
+    # volume-1's prediction misses its tumour: tumour Dice 0 there, liver unchanged
+    first = sorted(pred.glob("segmentation-*"))[0]
+    img = nib.load(first)
+    data = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.where(data == 2, 1, data).astype(data.dtype), img.affine, img.header), first)
+    result = invoke("evaluate", "--pred", pred, "--truth", truth, "--out", tmp_path / "scores")
+    assert result.exit_code == 0 and result.exception is None, result.output
+    assert "(lits2017)" in result.output and "liver Dice/case 1.000" in result.output
+    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    assert summary["convention"] == "lits2017"
+    tumour = summary["models"]["pred"]["structures"]["tumour"]
+    n = summary["n_cases"]
+    assert n == len(list(truth.glob("segmentation-*"))) and tumour["dice_per_case"] < 1.0
+    medpy = invoke("evaluate", "--pred", pred, "--truth", truth, "--out", tmp_path / "medpy", "--convention", "medpy")
+    assert medpy.exit_code == 0, medpy.output
+    assert json.loads((tmp_path / "medpy" / "summary.json").read_text())["convention"] == "medpy"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pred", "p"], "--pred and --truth go together"),
+    (["--pred", "p", "--truth", "t", "--model", "m"], "drop --model"),
+])
+def test_pred_truth_misuse_is_refused(tmp_path, args, message):
+    result = invoke("evaluate", *args, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert message in result.output
