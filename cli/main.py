@@ -86,7 +86,32 @@ def _forget_quiet_import() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _QuietTensorFlowImport)]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """The ``kerasunet`` group: every user error, usage errors included, is one line on stderr.
+
+    Click prints a usage error as three lines (``Usage: …``, ``Try … --help``, ``Error: …``);
+    here it is ``Error: MESSAGE (see 'kerasunet CMD --help')``, with click's exit code 2.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"Error: {exc.format_message().rstrip('.')}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kerasunet")
 @click.option("--verbose", is_flag=True,
               help="Show TensorFlow's C++ log lines (start-up, devices, cuInit), hidden by default.")
@@ -111,4 +136,4 @@ for _module, _attr, _short_help in COMMANDS:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="kerasunet")

@@ -59,3 +59,12 @@ def test_every_workers_option_has_the_one_default():
     found = {path: param.default for path, param in options(main, "kerasunet")}
     assert "kerasunet build-records" in found and "kerasunet experiment transfer" in found
     assert found == {path: DEFAULT_WORKERS for path in found}
+
+
+def test_a_usage_error_is_one_line_naming_the_help_to_read():
+    from tests.helpers import assert_one_line_error, run_cli
+
+    proc = run_cli("predict", "--no-such-flag")
+    assert proc.returncode == 2
+    line = assert_one_line_error(proc, r"^Error: No such option '--no-such-flag' \(see 'kerasunet predict --help'\)$")
+    assert "Usage:" not in proc.stderr and line.startswith("Error:")
