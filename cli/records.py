@@ -11,7 +11,8 @@ import time
 
 import click
 
-from kerasunet.core.records_format import DEFAULT_WORKERS
+from kerasunet.core.cases import LAYOUTS
+from kerasunet.core.records_format import DEFAULT_WORKERS, ENGINES
 
 
 def _pair(ctx, param, value):
@@ -59,6 +60,12 @@ def _echo_summary(manifest: dict) -> None:
 @click.command("build-records")
 @click.option("--lits", type=click.Path(file_okay=False), help="LiTS folder (volume-N / segmentation-N).")
 @click.option("--mri", type=click.Path(file_okay=False), help="MRI folder (one folder per case).")
+@click.option("--input", "input_dir", type=click.Path(file_okay=False),
+              help="Instead of --lits/--mri: a dataset folder in any --layout (see docs/datasets.md).")
+@click.option("--layout", default=None, type=click.Choice(list(LAYOUTS)),
+              help="Layout of --input: lits, fzmc, msd, nnunet, atlas, ircadb, dicom [default: detected].")
+@click.option("--series", default=None, metavar="UID",
+              help="DICOM: the SeriesInstanceUID to read where a folder holds several series.")
 @click.option("--phase", default="artery", show_default=True, help="MRI phase image name.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Records folder.")
 @click.option("--workers", type=click.IntRange(min=1), default=DEFAULT_WORKERS, show_default=True,
@@ -83,20 +90,35 @@ def _echo_summary(manifest: dict) -> None:
 @click.option("--shard-mb", default=128.0, show_default=True, help="Target shard size in MB.")
 @click.option("--gzip", is_flag=True, help="GZIP-compress the shards.")
 @click.option("--overwrite", is_flag=True, help="Rebuild even if OUT holds a build.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="local: worker processes on this machine; beam: an Apache Beam pipeline "
+                   "(DirectRunner, Dataflow, Flink, Spark; see docs/scaling.md).")
+@click.option("--beam-options", default="", help="Beam pipeline options, passed to Beam unchanged, "
+                                                 "e.g. \"--runner=DataflowRunner --project=P --region=R\".")
 @click.pass_context
-def build_records(ctx, lits, mri, out, **options):
-    """Validates NIfTI cases and writes sharded TFRecords with a manifest.json."""
+def build_records(ctx, lits, mri, input_dir, layout, out, **options):
+    """Validates cases (NIfTI or DICOM, in any layout) and writes sharded TFRecords with a manifest.json."""
+    from kerasunet.core.cases import detect_layout
     from tfrecords_builder.build import BuildSettings, build_records as build
 
-    if (lits is None) == (mri is None):
-        raise click.UsageError("Expected exactly one of --lits DIR or --mri DIR.")
+    if [lits, mri, input_dir].count(None) != 2:
+        raise click.UsageError("Expected exactly one of --input DIR, --lits DIR or --mri DIR.")
+    if layout and input_dir is None:
+        raise click.UsageError("--layout applies to --input (--lits and --mri name their layout).")
     explicit = options["val_cases"] or options["test_cases"]
     given = [f"--{n.replace('_', '-')}" for n in ("val_fraction", "test_fraction", "holdout")
              if ctx.get_parameter_source(n).name != "DEFAULT"]
     if explicit and given:
         raise click.UsageError(f"--val-cases/--test-cases replace {', '.join(given)}; give one or the other.")
+    if options["engine"] == "beam" and ctx.get_parameter_source("workers").name != "DEFAULT":
+        raise click.UsageError("--workers is the local engine's; with --engine beam give Beam's workers "
+                               "in --beam-options (e.g. --direct_num_workers=2).")
+    if options["beam_options"] and options["engine"] != "beam":
+        raise click.UsageError("--beam-options needs --engine beam.")
     try:
-        settings = BuildSettings(source=lits or mri, dataset="lits" if lits else "mri", out=out, **options)
+        source = lits or mri or input_dir
+        dataset = "lits" if lits else "mri" if mri else layout or detect_layout(input_dir, options["phase"])
+        settings = BuildSettings(source=source, dataset=dataset, out=out, **options)
         manifest = build(settings, progress=_Progress(), log=click.echo)
     except ValueError as exc:  # BuildError, invalid settings
         raise click.ClickException(str(exc)) from None

@@ -61,3 +61,23 @@ def tiny_records(tiny_phantoms, tmp_path_factory):
         return built[dataset]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def layout_phantoms(tmp_path_factory):
+    """Tiny phantoms in every layout of ``kerasunet synth --layout``, written once per session (~2 s).
+
+    ``root/<layout>/`` for each of ``kerasunet.synth_layouts.SYNTH_LAYOUTS``, seed 0: 4 CT cases
+    (``ct_phantom(i, 0, LAYOUT_CT)``, 32x32, 4-6 slices) in lits, msd, nnunet, ircadb and dicom;
+    4 MRI cases (``mri_phantom(i, 0, LAYOUT_MRI)``, 24x20x4) in fzmc and atlas. Case ``i`` is
+    the same phantom in every CT layout (``dicom/case0i`` is the twin of ``lits/volume-i``).
+    msd puts its last case in imagesTs/ without a label; fzmc has its usual defects (FZMC002
+    short label, FZMC004 no label). Read-only by convention.
+    """
+    from kerasunet.synth_layouts import SYNTH_LAYOUTS, synth_layout
+    from tests.helpers import LAYOUT_CT, LAYOUT_MRI
+
+    root = tmp_path_factory.mktemp("layouts")
+    for layout in SYNTH_LAYOUTS:
+        synth_layout(layout, root / layout, 4, seed=0, ct=LAYOUT_CT, mri=LAYOUT_MRI)
+    return root

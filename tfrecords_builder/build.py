@@ -12,27 +12,34 @@ over usable cases only), once to write its slices. Holding or caching every case
 instead would cost memory or disk the size of the dataset. A case whose files change between
 the two reads so that they fail the checks is skipped with its reason, like a case that fails
 validation: it leaves its split's case list and the manifest's cases for ``skipped``.
+
+Engines: ``local`` (this module: a process pool on one machine) and ``beam``
+(:mod:`tfrecords_builder.beam`: an Apache Beam pipeline). Both run the case-level steps
+and the planning, serialising and manifest functions defined here (:func:`case_tasks`,
+:func:`plan_build`, :func:`case_examples`, :func:`check_written`, :func:`drop_cases`,
+:func:`manifest_for`), so they find, skip, split and describe a dataset the same way.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from kerasunet.core.atomic import write_json
-from kerasunet.core.cases import LAYOUTS, CaseFiles, find_dataset_cases
+from kerasunet.core.cases import CASE_ENTRY_KEYS, LAYOUTS, case_from_entry, dataset_modality, find_dataset_cases
 from kerasunet.core.fingerprint import changed_settings, hash_settings
 from kerasunet.core.labels import OUTPUTS
 from kerasunet.core.nifti import VolumeError
 from kerasunet.core.preprocessing import NormSettings
-from kerasunet.core.records_format import DEFAULT_WORKERS, MANIFEST_FILE, SHARD_RE, TEMP_PREFIX
-from tfrecords_builder.features import FEATURES, slice_example
+from kerasunet.core.records_format import DEFAULT_WORKERS, ENGINES, MANIFEST_FILE, SHARD_RE, TEMP_PREFIX
+from tfrecords_builder.features import FEATURES, example_key, slice_example
 from tfrecords_builder.ingest import CaseTask, extract_case, inspect_case
 from tfrecords_builder.selection import SelectionSettings
 from tfrecords_builder.writer import ShardWriter
@@ -42,7 +49,7 @@ MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
 HOLDOUTS = ("random", "last")
 # settings that do not change the output, so they are left out of the settings hash
-RUN_ONLY = ("out", "workers", "overwrite")
+RUN_ONLY = ("out", "workers", "overwrite", "engine", "beam_options")
 
 
 class BuildError(ValueError):
@@ -54,10 +61,13 @@ class BuildSettings:
     """Every setting of ``kerasunet build-records``; CLI options map one-to-one onto fields.
 
     Attributes:
-        source: the LiTS or MRI folder.
-        dataset: "lits" (CT) or "mri"; also the records' name.
+        source: the dataset folder.
+        dataset: its layout, a key of ``kerasunet.core.cases.LAYOUTS`` ("lits", "fzmc", "msd",
+            "nnunet", "atlas", "ircadb", "dicom"; "mri" is "fzmc"); also the records' name.
+            The layout says the modality and what the labels hold.
         out: the records folder.
-        phase: MRI phase image name (``<phase>.nii[.gz]`` in each case folder).
+        phase: FZMC phase image name (``<phase>.nii[.gz]`` in each case folder).
+        series: SeriesInstanceUID to read from DICOM folders that hold several series.
         seed: seed of the random split.
         val_fraction: fraction of usable cases for validation (see :func:`split_counts`).
         test_fraction: fraction of usable cases for test.
@@ -73,8 +83,12 @@ class BuildSettings:
         percentiles: MRI clip percentiles (lo, hi), applied by the reader.
         shard_mb: target shard size in MB (uncompressed record bytes).
         gzip: GZIP-compress the shards.
-        workers: worker processes (:data:`DEFAULT_WORKERS`); 1 runs in-process.
+        workers: worker processes of the local engine (:data:`DEFAULT_WORKERS`); 1 runs
+            in-process.
         overwrite: rebuild even if the folder holds a build.
+        engine: "local" (a process pool here) or "beam" (an Apache Beam pipeline).
+        beam_options: the Beam engine's pipeline options, one string as on a command line
+            (``"--runner=DataflowRunner --project=…"``); passed to Beam unchanged.
     """
 
     source: str
@@ -97,6 +111,9 @@ class BuildSettings:
     gzip: bool = False
     workers: int = DEFAULT_WORKERS
     overwrite: bool = False
+    engine: str = "local"
+    beam_options: str = ""
+    series: str | None = None
 
     def __post_init__(self):
         # canonical types, so equal settings hash equally whether they came from the CLI or code
@@ -104,7 +121,10 @@ class BuildSettings:
             object.__setattr__(self, name, tuple(cast(v) for v in getattr(self, name)))
         object.__setattr__(self, "shard_mb", float(self.shard_mb))
         _check(self.dataset in LAYOUTS, f"dataset in {tuple(LAYOUTS)}", "dataset", self.dataset)
+        # read once: some layouts say their modality in dataset.json or the DICOM headers
+        object.__setattr__(self, "_modality", dataset_modality(self.source, self.dataset, self.phase))
         _check(self.holdout in HOLDOUTS, f"holdout in {HOLDOUTS}", "holdout", self.holdout)
+        _check(self.engine in ENGINES, f"engine in {ENGINES}", "engine", self.engine)
         for name in ("val_fraction", "test_fraction"):
             _check(0 <= getattr(self, name) < 1, f"0 <= {name} < 1", name, getattr(self, name))
         _check(self.val_fraction + self.test_fraction < 1, "val_fraction + test_fraction < 1",
@@ -117,7 +137,7 @@ class BuildSettings:
 
     @property
     def modality(self) -> str:
-        return LAYOUTS[self.dataset].modality
+        return self._modality
 
     @property
     def norm(self) -> NormSettings:
@@ -211,15 +231,38 @@ def _map_cases(fn, tasks: list[tuple], workers: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _read_json(path: Path):
+def read_build_json(path, read_text) -> dict:
+    """Reads a manifest or build state with ``read_text(path)``; unreadable is a :class:`BuildError`."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except (OSError, ValueError) as exc:
         raise BuildError(f"{path}: unreadable ({exc}); use --overwrite to rebuild") from None
 
 
 def _changed(old: dict, new: dict) -> str:
     return ", ".join(changed_settings(old, new, ignore=RUN_ONLY)) or "source folder"
+
+
+def confirm_finished(manifest: dict, settings: BuildSettings, out, log) -> dict:
+    """Returns the manifest found in ``out`` when it is this very build (and logs the no-op).
+
+    Raises:
+        BuildError: it is a build with other settings.
+    """
+    if manifest.get("settings_hash") != settings.settings_hash():
+        raise BuildError(f"{out}: holds a finished build with different settings "
+                         f"({_changed(manifest.get('settings', {}), settings.to_dict())}); "
+                         f"use --overwrite to rebuild")
+    log(f"{out}: already built with these settings; nothing to do (use --overwrite to rebuild)")
+    return manifest
+
+
+def check_unfinished(state: dict, settings: BuildSettings, out) -> None:
+    """Raises a :class:`BuildError` when the build state found in ``out`` has other settings."""
+    if state.get("settings_hash") != settings.settings_hash():
+        raise BuildError(f"{out}: holds an unfinished build with different settings "
+                         f"({_changed(state.get('settings', {}), settings.to_dict())}); "
+                         f"use --overwrite to start over")
 
 
 def _finished_build(out: Path, settings: BuildSettings, log) -> dict | None:
@@ -230,13 +273,8 @@ def _finished_build(out: Path, settings: BuildSettings, log) -> dict | None:
     if settings.overwrite:
         path.unlink()
         return None
-    manifest = _read_json(path)
-    if manifest.get("settings_hash") != settings.settings_hash():
-        raise BuildError(f"{out}: holds a finished build with different settings "
-                         f"({_changed(manifest.get('settings', {}), settings.to_dict())}); "
-                         f"use --overwrite to rebuild")
+    manifest = confirm_finished(read_build_json(path, Path.read_text), settings, out, log)
     (out / STATE_FILE).unlink(missing_ok=True)
-    log(f"{out}: already built with these settings; nothing to do (use --overwrite to rebuild)")
     return manifest
 
 
@@ -245,11 +283,8 @@ def _load_state(out: Path, settings: BuildSettings, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path, state = out / STATE_FILE, None
     if path.exists() and not settings.overwrite:
-        state = _read_json(path)
-        if state.get("settings_hash") != settings.settings_hash():
-            raise BuildError(f"{out}: holds an unfinished build with different settings "
-                             f"({_changed(state.get('settings', {}), settings.to_dict())}); "
-                             f"use --overwrite to start over")
+        state = read_build_json(path, Path.read_text)
+        check_unfinished(state, settings, out)
     state = state or {"settings_hash": settings.settings_hash(), "completed": {}}
     state["settings"] = settings.to_dict()
     for split, entry in list(state["completed"].items()):
@@ -257,36 +292,93 @@ def _load_state(out: Path, settings: BuildSettings, log) -> dict:
             del state["completed"][split]
     keep = {s["file"] for entry in state["completed"].values() for s in entry["shards"]}
     for p in out.iterdir():
-        if p.is_file() and (p.name.startswith(TEMP_PREFIX) or (SHARD_RE.match(p.name) and p.name not in keep)):
+        if p.is_dir() and p.name.startswith(TEMP_PREFIX):  # left by a killed Beam build
+            shutil.rmtree(p)
+        elif p.is_file() and (p.name.startswith(TEMP_PREFIX) or (SHARD_RE.match(p.name) and p.name not in keep)):
             p.unlink()
     if state["completed"]:
         log(f"{out}: resuming; splits already written: {', '.join(state['completed'])}")
     return state
 
 
-def _case_task(settings: BuildSettings, case_id: str, info: dict) -> CaseTask:
-    files = CaseFiles(case_id, Path(info["image"]), Path(info["label"]))
+def case_tasks(settings: BuildSettings) -> list[CaseTask]:
+    """Finds the cases of ``settings.source``: one task per case, in natural order.
+
+    File paths are made absolute, so a worker with another working directory (a Beam
+    worker) reads the same files.
+
+    Raises:
+        BuildError: the folder is missing or holds no case.
+    """
+    try:
+        found = find_dataset_cases(settings.source, settings.dataset, settings.phase, settings.series)
+    except VolumeError as exc:
+        raise BuildError(str(exc)) from None
+    return [CaseTask(replace(f, image=Path(f.image).resolve(), label=f.label and Path(f.label).resolve()),
+                     settings.norm, settings.selection) for f in found]
+
+
+def case_task(settings: BuildSettings, case_id: str, info: dict) -> CaseTask:
+    """The task that extracts a validated case (``info`` as :func:`inspect_case` returned it)."""
+    files = case_from_entry(case_id, info)
     return CaseTask(files, settings.norm, settings.selection)
 
 
-def _ingest(settings: BuildSettings, workers: int, progress) -> dict:
-    """Validates every case, chooses slices and draws the splits."""
-    try:
-        found = find_dataset_cases(settings.source, settings.dataset, settings.phase)
-    except VolumeError as exc:
-        raise BuildError(str(exc)) from None
-    tasks = [(CaseTask(files, settings.norm, settings.selection),) for files in found]
-    cases, skipped = {}, []
-    for done, info in enumerate(_map_cases(inspect_case, tasks, workers), 1):
-        if "skip" in info:
-            skipped.append({"case_id": info["case_id"], "reason": info["skip"]})
-        else:
-            cases[info["case_id"]] = info
-        progress("validate", done, len(tasks), sum(len(c["slices"]) for c in cases.values()))
+def plan_build(settings: BuildSettings, infos: list[dict]) -> dict:
+    """Sets unusable cases aside with their reasons and draws the case-level splits.
+
+    Args:
+        settings: the build settings.
+        infos: :func:`inspect_case` of every case, in natural case order.
+
+    Returns:
+        ``{"cases": {case_id: info}, "skipped": [{"case_id", "reason"}], "splits":
+        {split: [case_id, ...]}}``, cases in natural order, splits from :func:`assign_splits`.
+
+    Raises:
+        BuildError: no usable case, or too few for the requested splits.
+    """
+    cases = {info["case_id"]: info for info in infos if "skip" not in info}
+    skipped = [{"case_id": info["case_id"], "reason": info["skip"]} for info in infos if "skip" in info]
     if not cases:
         reasons = "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped)
         raise BuildError(f"{settings.source}: no usable case left ({len(skipped)} skipped: {reasons})")
     return {"cases": cases, "skipped": skipped, "splits": assign_splits(list(cases), settings)}
+
+
+def _ingest(settings: BuildSettings, workers: int, progress) -> dict:
+    """Validates every case, chooses slices and draws the splits."""
+    tasks = [(task,) for task in case_tasks(settings)]
+    infos, slices = [], 0
+    for done, info in enumerate(_map_cases(inspect_case, tasks, workers), 1):
+        infos.append(info)
+        slices += len(info.get("slices", ()))
+        progress("validate", done, len(tasks), slices)
+    return plan_build(settings, infos)
+
+
+def changed_case(case_id: str, data: dict) -> dict:
+    """The ``skipped`` entry of a case whose files failed the checks when it was extracted."""
+    return {"case_id": case_id, "reason": f"{data['skip']} (the files changed during the build)"}
+
+
+def case_examples(case_id: str, info: dict, data: dict):
+    """Serialises the slices :func:`extract_case` cut out of a case.
+
+    Yields:
+        ``(key, serialised example)`` in slice order; the key is ``<case_id>/<slice_index>``.
+    """
+    for j, index in enumerate(info["slices"]):
+        yield example_key(case_id, index), slice_example(
+            case_id, index, data["images"][j], data["labels"][j], info["spacing"], info["norm_stats"],
+            data["has_tumour"][j])
+
+
+def check_written(settings: BuildSettings, split: str, written: int, skipped: list[dict]) -> None:
+    """Raises a :class:`BuildError` when ``split`` got no example (its cases were all skipped)."""
+    reasons = "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped)
+    _raise_if(written == 0, f"{settings.out}: split {split!r} has zero examples"
+                            + (f" (skipped {reasons})" if skipped else ""))
 
 
 def _write_split(settings: BuildSettings, state: dict, split: str, workers: int, progress) -> tuple[dict, list]:
@@ -304,24 +396,21 @@ def _write_split(settings: BuildSettings, state: dict, split: str, workers: int,
     """
     case_ids = state["splits"][split]
     infos = [state["cases"][c] for c in case_ids]
-    tasks = [(_case_task(settings, c, info), info["slices"], info["shape"]) for c, info in zip(case_ids, infos)]
+    tasks = [(case_task(settings, c, info), info["slices"], info["shape"]) for c, info in zip(case_ids, infos)]
     writer = ShardWriter(settings.out, settings.dataset, split, int(settings.shard_mb * 1e6), settings.gzip)
     written, kept, skipped = 0, [], []
     try:
         for done, (case_id, info, data) in enumerate(
                 zip(case_ids, infos, _map_cases(extract_case, tasks, workers)), 1):
             if "skip" in data:
-                skipped.append({"case_id": case_id, "reason": f"{data['skip']} (the files changed during the build)"})
+                skipped.append(changed_case(case_id, data))
             else:
-                for j, index in enumerate(info["slices"]):
-                    writer.write(slice_example(case_id, index, data["images"][j], data["labels"][j],
-                                               info["spacing"], info["norm_stats"], data["has_tumour"][j]))
+                for _, example in case_examples(case_id, info, data):
+                    writer.write(example)
                 written += len(info["slices"])
                 kept.append(case_id)
             progress(f"write {split}", done, len(case_ids), written)
-        reasons = "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped)
-        _raise_if(written == 0, f"{settings.out}: split {split!r} has zero examples"
-                                + (f" (skipped {reasons})" if skipped else ""))
+        check_written(settings, split, written, skipped)
         shards = writer.finish()
     except BaseException:
         writer.abort()
@@ -329,7 +418,7 @@ def _write_split(settings: BuildSettings, state: dict, split: str, workers: int,
     return {"cases": kept, "num_examples": written, "shards": shards}, skipped
 
 
-def _drop_cases(state: dict, split: str, skipped: list[dict]) -> None:
+def drop_cases(state: dict, split: str, skipped: list[dict]) -> None:
     """Moves cases skipped while writing ``split`` from its case list and the cases to ``skipped``."""
     gone = {s["case_id"] for s in skipped}
     state["splits"][split] = [c for c in state["splits"][split] if c not in gone]
@@ -354,9 +443,17 @@ def _class_stats(state: dict, modality: str) -> dict:
     return stats
 
 
-def _manifest(settings: BuildSettings, state: dict) -> dict:
+def manifest_for(settings: BuildSettings, state: dict) -> dict:
+    """The manifest of a finished build.
+
+    Args:
+        settings: the build settings.
+        state: ``cases``, ``skipped`` and ``splits`` (:func:`plan_build`, less the cases
+            :func:`drop_cases` moved), and ``completed``: each split's manifest entry
+            (``cases``, ``num_examples``, ``shards``).
+    """
     split_of = {c: s for s, cases in state["splits"].items() for c in cases}
-    keep = ("image", "label", "shape", "spacing", "norm_stats", "slices")
+    keep = (*CASE_ENTRY_KEYS, "shape", "spacing", "norm_stats", "slices")
     return {
         "version": MANIFEST_VERSION,
         "name": settings.dataset,
@@ -366,6 +463,7 @@ def _manifest(settings: BuildSettings, state: dict) -> dict:
         "outputs": list(OUTPUTS[settings.modality]),
         "compression": "GZIP" if settings.gzip else None,
         "norm": settings.norm.to_dict(),
+        "engine": settings.engine,
         "settings": settings.to_dict(),
         "settings_hash": settings.settings_hash(),
         "splits": {s: state["completed"][s] for s in SPLITS if s in state["splits"]},
@@ -377,6 +475,8 @@ def _manifest(settings: BuildSettings, state: dict) -> dict:
 
 def build_records(settings: BuildSettings, progress=None, log=None) -> dict:
     """Builds (or resumes, or confirms) the records folder ``settings.out``.
+
+    ``settings.engine == "beam"`` hands the build to :func:`tfrecords_builder.beam.build_records_beam`.
 
     Args:
         settings: the build settings.
@@ -392,6 +492,10 @@ def build_records(settings: BuildSettings, progress=None, log=None) -> dict:
     """
     progress = progress or (lambda *a: None)
     log = log or (lambda message: None)
+    if settings.engine == "beam":
+        from tfrecords_builder.beam import build_records_beam
+
+        return build_records_beam(settings, progress, log)
     out, workers = Path(settings.out), settings.workers
     manifest = _finished_build(out, settings, log)
     if manifest is not None:
@@ -403,10 +507,10 @@ def build_records(settings: BuildSettings, progress=None, log=None) -> dict:
     for split in state["splits"]:
         if split not in state["completed"]:
             entry, skipped = _write_split(settings, state, split, workers, progress)
-            _drop_cases(state, split, skipped)
+            drop_cases(state, split, skipped)
             state["completed"][split] = entry
             write_json(out / STATE_FILE, state)
-    manifest = _manifest(settings, state)
+    manifest = manifest_for(settings, state)
     write_json(out / MANIFEST_FILE, manifest)
     (out / STATE_FILE).unlink(missing_ok=True)
     return manifest

@@ -10,18 +10,17 @@ the dataset's set), and the build records the reason and goes on with the other 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from kerasunet.core.cases import CaseError, CaseFiles, load_case
-from kerasunet.core.labels import LABEL_VALUES
+from kerasunet.core.cases import CaseError, CaseFiles, case_entry, load_case
+from kerasunet.core.labels import MODALITY_LABELS
 from kerasunet.core.preprocessing import NormSettings, case_stats
 from kerasunet.core.stacking import stack_slices
 from tfrecords_builder.selection import SelectionSettings, select_slices
 
 # label value that marks tumour, per modality (CT: LiTS 2; MRI: 1)
-TUMOUR_VALUE = {"ct": LABEL_VALUES["tumour"], "mri": 1}
+TUMOUR_VALUE = {modality: values["tumour"] for modality, values in MODALITY_LABELS.items()}
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,7 @@ def inspect_case(task: CaseTask) -> dict:
     tumour = chosen == TUMOUR_VALUE[task.norm.modality]
     return {
         "case_id": files.case_id,
-        "image": str(Path(files.image).resolve()),
-        "label": str(Path(files.label).resolve()),
+        **case_entry(files),  # image, label, what the label holds, series
         "shape": list(image.data.shape),
         "spacing": list(image.spacing),
         "norm_stats": case_stats(image.data, task.norm).tolist(),

@@ -1,16 +1,43 @@
-"""Output channels and label values, shared by training targets, predict and export.
+"""Structures, output channels and label values, shared by case loading, training targets, predict and export.
 
-CT models have two sigmoid channels (liver, tumour) and write LiTS labels
-(0 background, 1 liver, 2 tumour). MRI models have one channel (tumour) and write 0/1.
+Labels are read by structure, not by value: each dataset layout says which structure each of
+its label values (or mask folders) holds, and :func:`structure_of` names the structure of a
+label name as datasets write it. Inside kerasunet a label map holds the project's values:
+each modality's structures are numbered in the order of ``OUTPUTS`` (index + 1), so CT models
+(two sigmoid channels: liver, tumour) write LiTS labels (0 background, 1 liver, 2 tumour) and
+MRI models (one channel: tumour) write 0/1. A structure a modality's models do not segment
+(liver in MRI) reads as background.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
+STRUCTURES = ("liver", "tumour")
 OUTPUTS = {"ct": ("liver", "tumour"), "mri": ("tumour",)}
-LABEL_VALUES = {"liver": 1, "tumour": 2}
-VALID_LABELS = {"ct": (0, 1, 2), "mri": (0, 1)}
+# the project's value of each structure, per modality: its position in OUTPUTS, from 1
+MODALITY_LABELS = {m: {name: i + 1 for i, name in enumerate(names)} for m, names in OUTPUTS.items()}
+LABEL_VALUES = MODALITY_LABELS["ct"]
+VALID_LABELS = {m: (0, *values.values()) for m, values in MODALITY_LABELS.items()}
+# label names datasets use for each structure (dataset.json, mask folders); compared word by word
+STRUCTURE_WORDS = {"liver": ("liver",),
+                   "tumour": ("tumour", "tumor", "tumours", "tumors", "lesion", "lesions", "cancer")}
+
+
+def structure_of(name: str) -> str | None:
+    """The structure a dataset's label name stands for, or None (background, other organs).
+
+    A name holding a tumour word is tumour ("liver tumor", "cancer", "lesion"); a name that is
+    only the word liver is liver; anything else ("background", "spleen", "cyst") is None.
+    """
+    words = re.findall(r"[a-z]+", str(name).lower())
+    if any(word in STRUCTURE_WORDS["tumour"] for word in words):
+        return "tumour"
+    if words and all(word in STRUCTURE_WORDS["liver"] for word in words):
+        return "liver"
+    return None
 
 
 def output_names(modality: str) -> tuple[str, ...]:

@@ -67,11 +67,27 @@ def load_volume(path: str | Path, dtype=np.float32) -> Volume:
     if not path.exists():
         raise VolumeError(f"{path}: file not found")
     try:
-        image = nib.load(str(path))
-        canonical = nib.as_closest_canonical(image)
-        data = np.asarray(canonical.dataobj, dtype=dtype)
+        return volume_from_image(nib.load(str(path)), path, dtype)
+    except VolumeError:
+        raise
     except Exception as exc:  # nibabel raises many types for broken files
         raise VolumeError(f"{path}: unreadable or truncated NIfTI ({type(exc).__name__}: {exc})") from None
+
+
+def volume_from_image(image: nib.Nifti1Image, path: str | Path, dtype=np.float32) -> Volume:
+    """The canonical ``Volume`` of an image in memory (a NIfTI file, or a DICOM series' twin).
+
+    Args:
+        image: the image in its stored voxel order, with its RAS affine.
+        path: where it came from (a file, or a DICOM series' folder), for messages.
+        dtype: dtype of ``Volume.data``.
+
+    Raises:
+        VolumeError: the image is not 3D.
+    """
+    path = Path(path)
+    canonical = nib.as_closest_canonical(image)
+    data = np.asarray(canonical.dataobj, dtype=dtype)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -19,6 +19,8 @@ TEMP_PREFIX = ".tmp-"
 # one case in memory (a LiTS CT can be ~1 GB as float32), so it is a small fixed number
 # rather than the CPU count.
 DEFAULT_WORKERS = 4
+# Build engines (`build-records --engine`); the manifest's "engine" names the one that built it.
+ENGINES = ("local", "beam")
 
 
 def shard_name(name: str, split: str, index: int, total: int) -> str:

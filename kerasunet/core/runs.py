@@ -2,7 +2,7 @@
 
 A run folder ``RUN_DIR`` holds::
 
-    best.keras          the best model (lowest validation loss), Keras 3 format
+    best.keras          the best model (train.monitor: highest val Dice or lowest val loss), Keras 3
     config.json         every setting (schema below), the git commit and the manifest hash
     history.csv         one row per epoch (loss, val_loss, per-channel dice/iou, lr)
     timing.csv          seconds per epoch

@@ -37,8 +37,8 @@ def test_rerun_is_a_noop_with_a_message(cli_records):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--out", "x"], "Expected exactly one of --lits DIR or --mri DIR."),
-    (["--lits", "a", "--mri", "b", "--out", "x"], "Expected exactly one of --lits DIR or --mri DIR."),
+    (["--out", "x"], "Expected exactly one of --input DIR, --lits DIR or --mri DIR."),
+    (["--lits", "a", "--mri", "b", "--out", "x"], "Expected exactly one of --input DIR, --lits DIR or --mri DIR."),
     (["--lits", "a", "--out", "x", "--val-cases", "v", "--holdout", "last"], "replace --holdout"),
     (["--lits", "a", "--out", "x", "--hu-window", "5"], "Expected LO,HI (two numbers). Received: '5'"),
     (["--lits", "nowhere", "--out", "x"], "nowhere: not a folder"),

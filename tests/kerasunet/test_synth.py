@@ -54,7 +54,7 @@ def test_lits_layout_dtypes_scaling_and_labels(tiny_phantoms):
 def test_mri_layout_dtypes_defects_and_intensities(tiny_phantoms):
     layout, cases = find_cases(tiny_phantoms / "mri")
     by_id = {c.case_id: c for c in cases}
-    assert layout == "mri" and list(by_id) == [f"FZMC00{i}" for i in range(1, 7)]
+    assert layout == "fzmc" and list(by_id) == [f"FZMC00{i}" for i in range(1, 7)]
     assert by_id["FZMC004"].label is None
     short = by_id["FZMC002"]
     assert nib.load(str(short.label)).shape == (48, 40, 11)
