@@ -2,20 +2,28 @@
 
 Layout written under ``saved_models/NAME/`` (the folder TF Serving's ``base_path`` points at)::
 
-    1/, 2/, ...        one SavedModel per version (saved_model.pb + variables/)
-    models.config      TF Serving model config (name, base_path, version policy)
-    export.json        the model's settings, the versions and example docker/curl lines
+    1/, 2/, ...                  one SavedModel per version (saved_model.pb + variables/)
+      assets.extra/tf_serving_warmup_requests   requests TF Serving replays at load
+    models.config                TF Serving model config: the two newest versions live,
+                                 version labels ``stable`` / ``canary``
+    batching_parameters.txt      ``--batching_parameters_file`` for ``--enable_batching`` (CT only)
+    export.json                  the model's settings, versions, labels and example command lines
 
 The ``serving_default`` signature takes RAW intensities (HU for CT, scanner units for MRI)
 as float32 ``image [batch, height, width, channels]`` with free height and width, and does
 everything else in the graph: intensity normalisation with the run's own settings, padding
 to a multiple of ``2**depth`` and cropping back, the U-Net, and the labels. It returns
 ``probabilities`` (float32 ``[b, h, w, N]``) and ``mask`` (uint8 ``[b, h, w]``), so a client
-needs no knowledge of the training settings.
+needs no knowledge of the training settings. The signature's static shapes carry what a
+client must match, and TF Serving's metadata API returns them: the channel size of
+``image`` is ``2K+1`` (the 2.5D context) and that of ``probabilities`` is
+``len(labels.OUTPUTS[modality])`` (CT 2, MRI 1), which names the modality. ``export.json``
+states both facts directly.
 
 For MRI the normalisation statistics (percentile clip + z-score) are computed over the
 whole request, which is therefore treated as one case: a request should hold the slices
-of one case, and only that case (see ``docs/serving.md``).
+of one case, and only that case (see ``docs/serving.md``). Server-side batching would
+merge requests of different cases into one tensor, so MRI exports get no batching file.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kerasunet import __version__
@@ -35,6 +45,11 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("probabilities", "mask")
 CONFIG_FILE = "models.config"
 INFO_FILE = "export.json"
+BATCHING_FILE = "batching_parameters.txt"
+# TF Serving's warm-up file, relative to a version folder; replayed at load (--enable_model_warmup, on by default)
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+LABELS = ("stable", "canary")
+LIVE_VERSIONS = 2  # the policy: the newest two versions stay loaded (a canary beside stable, instant rollback)
 # Where the docker examples mount saved_models/NAME inside the tensorflow/serving container;
 # models.config's base_path must be this in-container path, not the host path.
 CONTAINER_ROOT = "/models"
@@ -45,6 +60,64 @@ INPUT_UNITS = {"ct": "HU", "mri": "scanner units"}
 
 class ExportError(ValueError):
     """An export that cannot be done. The message starts with the path concerned."""
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """TF Serving's ``BatchingParameters`` for 512x512 slices (``batching_parameters.txt``).
+
+    A 512x512 slice with 3 channels (K=1) is 3 MiB in and 2 MiB of probabilities out; a
+    filters-32, depth-4 U-Net needs a few hundred MiB of activations per slice on a GPU.
+
+    Attributes:
+        max_batch_size: slices per server batch; 16, the client's default ``--batch-size``,
+            so one REST request of 16 slices runs as one batch, and a batch of 16 slices
+            fits a GPU of 16 GiB or more.
+        batch_timeout_micros: how long a partial batch waits for more slices; 2 ms, well
+            under one 512x512 slice's model time, so a lone request pays little.
+        max_enqueued_batches: the queue; beyond it requests fail fast (UNAVAILABLE). 8 full
+            batches are 384 MiB of queued input.
+        num_batch_threads: batches run at once; 2 per GPU lets one copy in while one computes.
+        allowed_batch_sizes: sizes batches are padded up to, so the model sees only these
+            shapes (the warm-up file traces each); increasing, the last = ``max_batch_size``.
+    """
+
+    max_batch_size: int = 16
+    batch_timeout_micros: int = 2000
+    max_enqueued_batches: int = 8
+    num_batch_threads: int = 2
+    allowed_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+    def __post_init__(self):
+        sizes = list(self.allowed_batch_sizes)
+        if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != self.max_batch_size:
+            raise ValueError("Expected increasing allowed_batch_sizes ending at max_batch_size. "
+                             f"Received: allowed_batch_sizes={self.allowed_batch_sizes}, "
+                             f"max_batch_size={self.max_batch_size}")
+
+    def to_text(self) -> str:
+        """The text proto TF Serving reads with ``--batching_parameters_file``."""
+        lines = [f"{name} {{ value: {getattr(self, name)} }}" for name in
+                 ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads")]
+        lines += [f"allowed_batch_sizes: {size}" for size in self.allowed_batch_sizes]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class WarmupSettings:
+    """The requests of the warm-up file: one ``[b, *size, 2K+1]`` image per batch size.
+
+    Attributes:
+        size: height and width; 512x512, the LiTS slice size.
+        batch_sizes: one request each; the batching file's ``allowed_batch_sizes``, the
+            shapes a batching server runs.
+        value: every voxel's intensity. Only shapes and dtypes matter for warm-up, and one
+            value is stored once (``serving_grpc.filled_tensor_proto``), not 512x512xC times.
+    """
+
+    size: tuple[int, int] = (512, 512)
+    batch_sizes: tuple[int, ...] = field(default_factory=lambda: BatchingSettings().allowed_batch_sizes)
+    value: float = 0.0
 
 
 def numeric_versions(model_dir: Path) -> list[int]:
@@ -136,13 +209,78 @@ def write_saved_model(model, info: RunInfo, path: Path) -> None:
     archive.write_out(str(path), verbose=False)
 
 
-def models_config(name: str, policy: str = "latest") -> str:
+def write_warmup(path: Path, name: str, info: RunInfo, settings: WarmupSettings = WarmupSettings()) -> list:
+    """Writes ``path/assets.extra/tf_serving_warmup_requests``: one request per batch size.
+
+    A TFRecord of ``PredictionLog`` records holding ``PredictRequest`` s for
+    ``serving_default`` (TF Serving reads at most 1000). The messages are
+    tensorflow-serving-api's (``kerasunet.serving_grpc.warmup_records``).
+
+    Returns:
+        The request shapes written.
+
+    Raises:
+        ServingError: tensorflow-serving-api (the ``grpc`` extra) is not installed.
+    """
+    import tensorflow as tf
+
+    from kerasunet.serving_grpc import warmup_records
+
+    channels = 2 * info.context + 1
+    records = warmup_records(name, channels, settings.size, settings.batch_sizes, settings.value, SIGNATURE)
+    target = path / WARMUP_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(target)) as writer:
+        for record in records:
+            writer.write(record)
+    return [[batch, *settings.size, channels] for batch in settings.batch_sizes]
+
+
+def update_labels(out_dir: Path, previous: dict, versions: list[int], version: int, label: str) -> dict[str, int]:
+    """The version labels after exporting ``version`` with ``label``.
+
+    ``stable`` moves to the new version and drops a canary that is not newer; ``canary``
+    moves to the new version and keeps ``stable``. Labels of versions no longer on disk are
+    dropped. TF Serving only labels a loaded version, so each label must point to one of
+    the :data:`LIVE_VERSIONS` newest versions.
+
+    Args:
+        out_dir: ``saved_models/NAME`` (for messages).
+        previous: the labels before (``export.json``'s ``version_labels``).
+        versions: the version numbers on disk once ``version`` is written.
+        version: the version being exported.
+        label: ``stable`` or ``canary``.
+
+    Raises:
+        ExportError: ``label`` unknown, or a label would point to a version no longer served.
+    """
+    if label not in LABELS:
+        raise ExportError(f"{out_dir}: label must be one of {', '.join(LABELS)}, got {label!r}")
+    labels = {k: int(v) for k, v in previous.items() if k in LABELS and int(v) in versions and int(v) != version}
+    labels[label] = version
+    if label == "stable" and labels.get("canary", version + 1) <= version:
+        del labels["canary"]
+    live = sorted(versions)[-LIVE_VERSIONS:]
+    for name, labelled in sorted(labels.items()):
+        if labelled not in live:
+            raise ExportError(f"{out_dir}: label {name!r} would point to version {labelled}, which the policy "
+                              f"(the {LIVE_VERSIONS} newest versions live) no longer serves once version {version} "
+                              f"is written (live: {', '.join(map(str, live))}); export with --label {name} "
+                              "to move it, or move the newer versions away")
+    return dict(sorted(labels.items(), key=lambda item: LABELS.index(item[0])))
+
+
+def models_config(name: str, labels: dict[str, int] | None = None) -> str:
     """TF Serving's ``--model_config_file`` text proto for this model.
 
     ``base_path`` is the in-container path of the docker examples (``/models/NAME``).
-    The policy ``latest {num_versions: 1}`` serves the newest version; older ones stay on
-    disk so a rollback is deleting (or moving away) the newest folder.
+    The policy ``latest {num_versions: 2}`` keeps the two newest versions loaded: a canary
+    next to stable, and the previous version ready for a rollback without a reload.
+    ``version_labels`` maps ``stable``/``canary`` to versions; TF Serving refuses, at start,
+    labels on versions still loading unless started with
+    ``--allow_version_labels_for_unavailable_models=true`` (the docker lines pass it).
     """
+    label_lines = "".join(f'    version_labels {{ key: "{k}" value: {v} }}\n' for k, v in (labels or {}).items())
     return (
         "model_config_list {\n"
         "  config {\n"
@@ -151,37 +289,48 @@ def models_config(name: str, policy: str = "latest") -> str:
         '    model_platform: "tensorflow"\n'
         "    model_version_policy {\n"
         "      latest {\n"
-        "        num_versions: 1\n"
+        f"        num_versions: {LIVE_VERSIONS}\n"
         "      }\n"
         "    }\n"
+        f"{label_lines}"
         "  }\n"
         "}\n"
     )
 
 
-def example_commands(name: str, channels: int) -> dict[str, str]:
-    """The docker run and curl lines a user runs on a machine with Docker (not run here)."""
+def example_commands(name: str, channels: int, batching: bool = True) -> dict[str, str]:
+    """The docker run, curl and kerasunet lines a user runs on a machine with Docker (not run here)."""
     mount = f'-v "$PWD/saved_models/{name}:{CONTAINER_ROOT}/{name}"'
     ports = f"-p {REST_PORT}:{REST_PORT} -p {GRPC_PORT}:{GRPC_PORT}"
     pixel = "[" + ", ".join(["0.0"] * channels) + "]"
     image = f"[[[{pixel}, {pixel}], [{pixel}, {pixel}]]]"  # 1 x 2 x 2 x C
     url = f"http://localhost:{REST_PORT}/v1/models/{name}"
+    flags = (f"--model_config_file={CONTAINER_ROOT}/{name}/{CONFIG_FILE} "
+             "--allow_version_labels_for_unavailable_models=true")
+    if batching:
+        flags += f" --enable_batching --batching_parameters_file={CONTAINER_ROOT}/{name}/{BATCHING_FILE}"
     return {
         "docker_run": f"docker run --rm {ports} {mount} -e MODEL_NAME={name} tensorflow/serving",
-        "docker_run_config_file": (f"docker run --rm {ports} {mount} tensorflow/serving "
-                                   f"--model_config_file={CONTAINER_ROOT}/{name}/{CONFIG_FILE}"),
-        "curl_metadata": f"curl {url}/metadata",
+        "docker_run_config_file": f"docker run --rm {ports} {mount} tensorflow/serving {flags}",
+        "docker_run_gpu": f"docker run --rm --gpus all {ports} {mount} tensorflow/serving:latest-gpu {flags}",
+        "curl_metadata": f"curl {url}/labels/stable/metadata",
         "curl_predict": (f"curl -X POST {url}:predict -d "
                          f"'{{\"signature_name\": \"{SIGNATURE}\", \"inputs\": {{\"{INPUT_NAME}\": {image}}}}}'"),
+        "predict_grpc": (f"kerasunet predict --server grpc://localhost:{GRPC_PORT} --model-name {name} "
+                         "--model-label stable --input VOL.nii.gz --output MASK.nii.gz"),
+        "predict_rest": (f"kerasunet predict --server http://localhost:{REST_PORT} --model-name {name} "
+                         "--model-label stable --input VOL.nii.gz --output MASK.nii.gz"),
     }
 
 
-def export_info(name: str, info: RunInfo, version: int, previous: dict, versions: list[int]) -> dict:
+def export_info(name: str, info: RunInfo, version: int, previous: dict, versions: list[int],
+                labels: dict[str, int] | None = None, warmup: list | None = None) -> dict:
     """The content of ``export.json``: settings of the newest export plus one entry per version."""
     channels = 2 * info.context + 1
+    batching = info.modality == "ct"
     entry = {"source_model": str(info.model_path.resolve()), "modality": info.modality,
              "channels": channels, "exported_at": datetime.datetime.now().isoformat(timespec="seconds"),
-             "kerasunet_version": __version__}
+             "kerasunet_version": __version__, "warmup_requests": warmup}
     kept = {k: v for k, v in previous.get("versions", {}).items() if int(k) in versions}
     return {
         "model_name": name,
@@ -203,9 +352,12 @@ def export_info(name: str, info: RunInfo, version: int, previous: dict, versions
         "source_run": str(info.model_path.parent.resolve()),
         "kerasunet_version": __version__,
         "latest_version": max(versions),
-        "model_version_policy": "latest {num_versions: 1}",
+        "model_version_policy": f"latest {{num_versions: {LIVE_VERSIONS}}}",
+        "version_labels": labels or {},
+        "warmup_file": WARMUP_FILE if warmup else None,
+        "batching_parameters": ({"file": BATCHING_FILE, **asdict(BatchingSettings())} if batching else None),
         "versions": {**kept, str(version): entry},
-        **example_commands(name, channels),
+        **example_commands(name, channels, batching),
     }
 
 
@@ -226,11 +378,14 @@ def check_out_dir(out_dir: Path) -> str:
 
 
 def export_model(model_path: str | Path, out_dir: str | Path, version: int | None = None,
-                 overwrite: bool = False) -> Path:
-    """Exports a run's model to ``out_dir/VERSION`` and (re)writes models.config and export.json.
+                 overwrite: bool = False, label: str = "stable") -> Path:
+    """Exports a run's model to ``out_dir/VERSION`` and (re)writes the files beside it.
 
-    The SavedModel is written into a temporary sibling folder (``.tmp-…``, never all
-    digits, so TF Serving ignores it) and renamed onto ``out_dir/VERSION`` once complete.
+    The SavedModel and its warm-up file are written into a temporary sibling folder
+    (``.tmp-…``, never all digits, so TF Serving ignores it) and renamed into place, so a
+    server polling ``out_dir`` never loads half a model. ``models.config``,
+    ``batching_parameters.txt`` (CT; removed for MRI) and ``export.json`` are rewritten
+    atomically afterwards.
 
     Args:
         model_path: a run folder (best.keras + config.json) or a ``.keras`` file with a
@@ -238,28 +393,51 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
         out_dir: ``saved_models/NAME``; NAME is the model name TF Serving serves.
         version: version number; default the highest existing version + 1 (1 if none).
         overwrite: replace ``out_dir/version`` if it exists.
+        label: the version label the new version gets: ``stable`` or ``canary``
+            (:func:`update_labels`).
 
     Returns:
         The version folder written.
 
     Raises:
         RunError: ``model_path`` is not a usable run or model.
-        ExportError: bad name or version, an existing version without ``overwrite``, or a
-            model that does not match its config.
+        ExportError: bad name, version or label, an existing version without ``overwrite``,
+            a label that would point to a version no longer served, or a model that does
+            not match its config.
     """
     out_dir = Path(out_dir)
     name = check_out_dir(out_dir)
     info = resolve_run(model_path)
     version = choose_version(out_dir, version, overwrite)
+    previous = _read_json(out_dir / INFO_FILE)
+    versions = sorted(set(numeric_versions(out_dir)) | {version})
+    labels = update_labels(out_dir, previous.get("version_labels", {}), versions, version, label)
     model = load_model(info)
     target = out_dir / str(version)
     with atomic_path(target, is_dir=True) as tmp:
         write_saved_model(model, info, tmp)
-    previous = _read_json(out_dir / INFO_FILE)
+        warmup = _warmup_or_warn(tmp, target, name, info)
     with atomic_path(out_dir / CONFIG_FILE) as tmp:  # TF Serving may poll this file
-        tmp.write_text(models_config(name))
-    write_json(out_dir / INFO_FILE, export_info(name, info, version, previous, numeric_versions(out_dir)))
+        tmp.write_text(models_config(name, labels))
+    if info.modality == "ct":
+        with atomic_path(out_dir / BATCHING_FILE) as tmp:
+            tmp.write_text(BatchingSettings().to_text())
+    else:  # batching merges requests, and with them MRI cases: no file invites it
+        (out_dir / BATCHING_FILE).unlink(missing_ok=True)
+    write_json(out_dir / INFO_FILE, export_info(name, info, version, previous, numeric_versions(out_dir),
+                                                labels, warmup))
     return target
+
+
+def _warmup_or_warn(path: Path, target: Path, name: str, info: RunInfo) -> list | None:
+    # Without the grpc extra the model still serves; it only pays its first call at load.
+    from kerasunet.serving_client import ServingError
+
+    try:
+        return write_warmup(path, name, info)
+    except ServingError as exc:
+        print(f"warning: {target}: no warm-up file ({exc})", file=sys.stderr)
+        return None
 
 
 def _read_json(path: Path) -> dict:

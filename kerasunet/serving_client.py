@@ -1,19 +1,34 @@
-"""Ask a model served by TF Serving for the probabilities of a volume, over its REST API.
+"""Ask a model served by TF Serving for the probabilities of a volume, over REST or gRPC.
 
-The client needs no knowledge of the training settings: it asks the server for the
-model's metadata, reads the input channels ``C = 2K+1`` of the ``image`` input and the
-output channels ``N`` of ``probabilities`` (2 CT, 1 MRI: ``labels.OUTPUTS``), builds the
-2.5D stacks itself (``core.stacking.stack_slices``, the builder's convention) and sends raw
-intensities. Normalisation and padding happen in the exported graph (``kerasunet.export``).
-The served ``probabilities`` come back; thresholding and post-processing happen on the
-client, in :func:`kerasunet.predict.predict_volume_served`, exactly as for a local model.
+The client needs no knowledge of the training settings: it reads the model's signature
+from the server (REST ``GET /v1/models/NAME[/versions/N|/labels/L]/metadata``, gRPC
+``GetModelMetadata``), checks it in :func:`check_signature`, builds the 2.5D stacks itself
+(``core.stacking.stack_slices``, the builder's convention) and sends raw intensities.
+Normalisation and padding happen in the exported graph (``kerasunet.export``). The served
+``probabilities`` come back; thresholding and post-processing happen on the client, in
+:func:`kerasunet.predict.predict_volume_served`, exactly as for a local model.
 
-MRI models normalise with statistics of the whole request, so a request must hold one
-whole case: an MRI volume is sent in ONE request when it has at most ``max_case_voxels``
-voxels, else in batches with a warning, as each batch is then normalised on its own. CT
-models use a fixed window, so any batching gives the same probabilities.
+What the signature says, and what is refused before any volume is sent (one line each):
 
-Only numpy and the standard library are used (no TensorFlow, no NIfTI I/O).
+* the ``image`` input's static channel size is ``2K+1``, the 2.5D context the model was
+  exported with; stacks with another channel count are refused (:func:`predict_batch`);
+* the ``probabilities`` output's static channel size is ``len(labels.OUTPUTS[modality])``
+  (CT liver + tumour = 2, MRI tumour = 1), so it names the modality; an input of the other
+  modality (``fetch_model(modality=...)``, which ``predict_path_served`` takes from the
+  input folder's layout) is refused.
+
+One home for what both transports share: :class:`RemoteModel`, :func:`check_signature`,
+:func:`plan_batches` and :func:`predict_probabilities`. The transports are REST (here: the
+standard library and numpy, no TensorFlow) and gRPC (:mod:`kerasunet.serving_grpc`, chosen
+by a ``grpc://HOST:PORT`` server; needs the ``grpc`` extra, still no TensorFlow).
+
+Batches: MRI models normalise with statistics of the whole request, so a request must hold
+one whole case: an MRI volume is sent in ONE request when it has at most
+``max_case_voxels`` voxels (and, over gRPC, fits the message limit), else in batches with a
+warning, as each batch is then normalised on its own. CT models use a fixed window, so any
+batching gives the same probabilities. Over gRPC no request or answer exceeds the message
+limit (4 MiB by default, gRPC's own default, which TF Serving also keeps for what it
+receives): batches shrink until they fit.
 """
 
 from __future__ import annotations
@@ -24,7 +39,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,36 +48,50 @@ from kerasunet.core.stacking import stack_slices
 from kerasunet.export import INPUT_NAME, OUTPUT_NAMES, SIGNATURE  # the export's contract (no TensorFlow)
 
 MAX_CASE_VOXELS = 8_000_000
+# Room left in a gRPC message for everything but the tensor bytes (model spec, shape, framing).
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
 PROBABILITIES_OUTPUT, MASK_OUTPUT = OUTPUT_NAMES
+GRPC_SCHEME = "grpc://"  # a server address with this scheme is spoken to over gRPC (kerasunet.serving_grpc)
 
 
 class ServingError(RuntimeError):
-    """A failed exchange with the model server. The message starts with the URL.
+    """A failed exchange with the model server. The message starts with the URL or address.
 
     Attributes:
-        status: the HTTP status when the server answered with an error, else None.
+        status: the HTTP status (REST) or the gRPC status name (``"NOT_FOUND"``) when the
+            server answered with an error, else None.
     """
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | str | None = None):
         super().__init__(message)
         self.status = status
 
 
 @dataclass(frozen=True)
 class RemoteModel:
-    """What the client learns from the server's metadata.
+    """What the client learns from the server's metadata, and where it sends requests.
 
     Attributes:
-        url: ``{server}/v1/models/NAME[/versions/V]``.
+        url: REST ``{server}/v1/models/NAME[/versions/V|/labels/L]``, or ``grpc://HOST:PORT``.
         channels: input channels ``2K+1`` of the ``image`` input.
         num_outputs: channels of the ``probabilities`` output (2 CT, 1 MRI).
         signature: the signature called.
+        name: the served model's name.
+        version: the version asked for (None: the server's latest, or ``label``'s).
+        label: the version label asked for (``stable``, ``canary``), or None.
+        max_message_bytes: gRPC: the largest request or answer; None for REST.
+        channel: gRPC: the open channel (closed by :meth:`close`); None for REST.
     """
 
     url: str
     channels: int
     num_outputs: int
     signature: str = SIGNATURE
+    name: str = ""
+    version: int | None = None
+    label: str | None = None
+    max_message_bytes: int | None = None
+    channel: object = field(default=None, compare=False, repr=False)
 
     @property
     def context(self) -> int:
@@ -71,19 +100,42 @@ class RemoteModel:
     @property
     def modality(self) -> str:
         """``ct`` or ``mri``: the modality whose outputs (``labels.OUTPUTS``) the model has."""
-        return next(m for m, names in OUTPUTS.items() if len(names) == self.num_outputs)
+        return served_modality(self.num_outputs)
 
     @property
     def one_case_per_request(self) -> bool:
         return self.modality == "mri"
 
+    @property
+    def protocol(self) -> str:
+        return "grpc" if self.url.startswith(GRPC_SCHEME) else "rest"
 
-def model_url(server: str, model_name: str, version: int | None = None) -> str:
-    """``{server}/v1/models/NAME[/versions/V]`` (TF Serving's REST model URL)."""
+    def close(self) -> None:
+        """Closes the gRPC channel (nothing to do for REST)."""
+        if self.channel is not None:
+            self.channel.close()
+
+    def __enter__(self) -> "RemoteModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def served_modality(num_outputs: int) -> str | None:
+    """The modality whose output channels number ``num_outputs`` (None when none or several do)."""
+    found = [m for m, names in OUTPUTS.items() if len(names) == num_outputs]
+    return found[0] if len(found) == 1 else None
+
+
+def model_url(server: str, model_name: str, version: int | None = None, label: str | None = None) -> str:
+    """``{server}/v1/models/NAME[/versions/V|/labels/L]`` (TF Serving's REST model URL)."""
     if not server.startswith(("http://", "https://")):
-        raise ServingError(f"{server}: server URL must start with http:// or https://")
+        raise ServingError(f"{server}: server URL must start with http://, https:// or grpc://")
     url = f"{server.rstrip('/')}/v1/models/{urllib.parse.quote(model_name, safe='')}"
-    return f"{url}/versions/{int(version)}" if version is not None else url
+    if version is not None:
+        return f"{url}/versions/{int(version)}"
+    return f"{url}/labels/{urllib.parse.quote(label, safe='')}" if label is not None else url
 
 
 def call(url: str, body: dict | None = None, timeout: float = 60.0) -> dict:
@@ -128,81 +180,206 @@ def _reason_text(reason, timeout: float) -> str:
     return f"cannot connect ({reason})"
 
 
-def _dims(tensor_info: dict) -> list[int]:
-    # TF Serving writes int64 sizes as JSON strings.
-    return [int(d["size"]) for d in tensor_info["tensor_shape"]["dim"]]
+def _rest_signatures(where: str, answer: dict) -> dict:
+    """TF Serving's metadata JSON as :func:`check_signature` reads it (sizes come as strings)."""
+
+    def describe(infos: dict) -> dict:
+        out = {}
+        for key, info in infos.items():
+            shape = info.get("tensor_shape", {})
+            dims = None if shape.get("unknown_rank") else [int(d["size"]) for d in shape.get("dim", [])]
+            out[key] = (info.get("dtype"), dims)
+        return out
+
+    try:
+        signatures = answer["metadata"]["signature_def"]["signature_def"]
+        return {key: {"inputs": describe(sig.get("inputs", {})), "outputs": describe(sig.get("outputs", {}))}
+                for key, sig in signatures.items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ServingError(f"{where}: answer has no metadata.signature_def") from None
 
 
-def fetch_model(server: str, model_name: str, version: int | None = None,
-                signature: str = SIGNATURE, timeout: float = 60.0) -> RemoteModel:
-    """Reads the model's metadata and the shapes of its ``image`` input and outputs.
+def check_signature(where: str, signatures: dict, signature: str = SIGNATURE,
+                    modality: str | None = None) -> tuple[int, int]:
+    """Checks a served signature is a kerasunet export, and of ``modality`` when given.
+
+    Args:
+        where: the start of error messages (the metadata URL, or the gRPC address and model).
+        signatures: ``{name: {"inputs": {key: (dtype, dims)}, "outputs": {...}}}``, dtypes as
+            TF Serving names them (``DT_FLOAT``), dims with -1 for a free size.
+        signature: the signature to call.
+        modality: the input's modality (``ct``/``mri``), or None to accept either.
+
+    Returns:
+        ``(channels, num_outputs)``: ``2K+1`` of ``image`` and N of ``probabilities``.
 
     Raises:
-        ServingError: unknown model or version (404), no such signature, or a signature
-            that is not a kerasunet export (no ``image`` input / ``probabilities``, ``mask``
-            outputs, or a number of output channels no modality has).
+        ServingError: no such signature; not a kerasunet export (float32 ``image``
+            ``[b, h, w, 2K+1]`` in, ``probabilities`` ``[b, h, w, N]`` and ``mask`` out);
+            an even channel count; an N no modality has; or another modality than ``modality``.
     """
-    url = model_url(server, model_name, version)
+    if signature not in signatures:
+        raise ServingError(f"{where}: no signature {signature!r} (has {sorted(signatures)})")
+    sig = signatures[signature]
+    image, probs = sig["inputs"].get(INPUT_NAME), sig["outputs"].get(PROBABILITIES_OUTPUT)
+    if (image is None or probs is None or MASK_OUTPUT not in sig["outputs"]
+            or any(t[0] != "DT_FLOAT" or t[1] is None or len(t[1]) != 4 for t in (image, probs))):
+        has = "; ".join(f"{kind} " + ", ".join(f"{k}: {t[0]} {t[1]}" for k, t in sorted(sig[kind].items()))
+                        for kind in ("inputs", "outputs"))
+        raise ServingError(f"{where}: signature {signature!r} is not a kerasunet export (expected float32 input "
+                           f"'image' [b, h, w, 2K+1] and outputs 'probabilities' [b, h, w, N], 'mask'; has {has})")
+    channels, num_outputs = image[1][-1], probs[1][-1]
+    if channels < 1 or channels % 2 == 0:
+        raise ServingError(f"{where}: input 'image' has {channels} channels; expected 2K+1 (odd)")
+    served = served_modality(num_outputs)
+    if served is None:
+        counts = sorted({len(names) for names in OUTPUTS.values()})
+        raise ServingError(f"{where}: output 'probabilities' has {num_outputs} channels; "
+                           f"expected one of {counts} (CT liver+tumour, MRI tumour)")
+    if modality is not None and modality != served:
+        raise ServingError(f"{where}: the input is {modality.upper()} but the model was exported for "
+                           f"{served.upper()} (its 'probabilities' are {', '.join(OUTPUTS[served])}); "
+                           f"use a model trained on {modality.upper()}")
+    return channels, num_outputs
+
+
+def _not_served(exc: ServingError, model_name: str, version: int | None, label: str | None) -> ServingError:
+    """``exc`` with a hint when the server does not know the model, version or label."""
+    if exc.status in (404, "NOT_FOUND"):
+        which = f"model {model_name!r}" + (f" version {version}" if version is not None else "")
+        return ServingError(f"{exc} ({which} is not served there; check --model-name/--model-version)", exc.status)
+    if label is not None and "label" in str(exc):
+        return ServingError(f"{exc} (label {label!r} is not set for model {model_name!r}; check --model-label "
+                            "and the server's models.config)", exc.status)
+    return exc
+
+
+def fetch_model(server: str, model_name: str, version: int | None = None, signature: str = SIGNATURE,
+                timeout: float = 60.0, *, label: str | None = None, modality: str | None = None,
+                max_message_bytes: int | None = None) -> RemoteModel:
+    """Reads the served model's signature and checks it (:func:`check_signature`).
+
+    Args:
+        server: ``http://HOST:8501`` (REST) or ``grpc://HOST:8500`` (gRPC).
+        model_name: the served model's name.
+        version: a version number; default the latest (or ``label``'s).
+        signature: the signature to call.
+        timeout: seconds to wait for the answer.
+        label: a version label (``stable``/``canary``) instead of a version number.
+        modality: the input's modality, when known: a model of the other one is refused.
+        max_message_bytes: gRPC only: the largest request or answer; default 4 MiB.
+
+    Returns:
+        The model; over gRPC it holds an open channel: use it in a ``with`` block or
+        :meth:`RemoteModel.close` it.
+
+    Raises:
+        ValueError: both ``version`` and ``label``, or ``max_message_bytes`` for REST.
+        ServingError: unreachable server, unknown model, version or label, no such
+            signature, a signature that is not a kerasunet export, or the wrong modality.
+    """
+    from kerasunet import serving_grpc
+
+    if version is not None and label is not None:
+        raise ValueError(f"Expected a version or a label, not both. Received: version={version}, label={label!r}")
+    if server.startswith(GRPC_SCHEME):
+        limit = max_message_bytes or serving_grpc.DEFAULT_MAX_MESSAGE_BYTES
+        channel = serving_grpc.open_channel(server, limit)
+        try:
+            try:
+                signatures = serving_grpc.fetch_signatures(channel, server, model_name, version, label, timeout)
+            except ServingError as exc:
+                raise _not_served(exc, model_name, version, label) from None
+            where = f"{server} {serving_grpc.spec_text(model_name, version, label)}: GetModelMetadata"
+            channels, num_outputs = check_signature(where, signatures, signature, modality)
+        except BaseException:
+            channel.close()
+            raise
+        return RemoteModel(url=server, channels=channels, num_outputs=num_outputs, signature=signature,
+                           name=model_name, version=version, label=label, max_message_bytes=limit, channel=channel)
+    if max_message_bytes is not None:
+        raise ValueError(f"Expected max_message_bytes only for a grpc:// server. Received: server={server!r}")
+    url = model_url(server, model_name, version, label)
     try:
         answer = call(f"{url}/metadata", timeout=timeout)
     except ServingError as exc:
-        if exc.status == 404:
-            which = f"model {model_name!r}" + (f" version {version}" if version is not None else "")
-            raise ServingError(f"{exc} ({which} is not served there; check --model-name/--model-version)") from None
-        raise
-    try:
-        signatures = answer["metadata"]["signature_def"]["signature_def"]
-    except (KeyError, TypeError):
-        raise ServingError(f"{url}/metadata: answer has no metadata.signature_def") from None
-    if signature not in signatures:
-        raise ServingError(f"{url}/metadata: no signature {signature!r} (has {sorted(signatures)})")
-    sig = signatures[signature]
-    try:
-        channels = _dims(sig["inputs"][INPUT_NAME])[-1]
-        num_outputs = _dims(sig["outputs"][PROBABILITIES_OUTPUT])[-1]
-        sig["outputs"][MASK_OUTPUT]
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise ServingError(f"{url}/metadata: signature {signature!r} is not a kerasunet export "
-                           "(expected input 'image' and outputs 'probabilities', 'mask')") from None
-    if channels < 1 or channels % 2 == 0:
-        raise ServingError(f"{url}/metadata: input 'image' has {channels} channels; expected 2K+1 (odd)")
-    counts = sorted({len(names) for names in OUTPUTS.values()})
-    if num_outputs not in counts:
-        raise ServingError(f"{url}/metadata: output 'probabilities' has {num_outputs} channels; "
-                           f"expected one of {counts} (CT liver+tumour, MRI tumour)")
-    return RemoteModel(url=url, channels=channels, num_outputs=num_outputs, signature=signature)
+        raise _not_served(exc, model_name, version, label) from None
+    channels, num_outputs = check_signature(f"{url}/metadata", _rest_signatures(f"{url}/metadata", answer),
+                                            signature, modality)
+    return RemoteModel(url=url, channels=channels, num_outputs=num_outputs, signature=signature,
+                       name=model_name, version=version, label=label)
 
 
 def plan_batches(num_slices: int, slice_voxels: int, batch_size: int, model: RemoteModel,
                  max_case_voxels: int = MAX_CASE_VOXELS) -> list[range]:
-    """Slice ranges, one per request: the whole case for MRI when it fits, else ``batch_size``."""
+    """Slice ranges, one per request: the whole case for MRI when it fits, else ``batch_size``.
+
+    Over gRPC (``model.max_message_bytes`` set) a request holds no more slices than fit in
+    the message limit, counting 4 bytes per voxel and channel of the request (``2K+1``) or
+    of its answer (N probabilities), whichever is larger.
+
+    Raises:
+        ValueError: ``batch_size`` below 1.
+        ServingError: one slice alone exceeds the message limit.
+    """
     if batch_size < 1:
         raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
+    per_request, limit, fits = batch_size, model.max_message_bytes, None
+    if limit is not None:
+        slice_bytes = 4 * slice_voxels * max(model.channels, model.num_outputs)
+        fits = (limit - MESSAGE_OVERHEAD_BYTES) // slice_bytes
+        if fits < 1:
+            raise ServingError(f"{model.url}: one slice of {slice_voxels} voxels x {model.channels} channels is "
+                               f"{slice_bytes / 2**20:.1f} MiB, over the {limit / 2**20:g} MiB message limit; raise "
+                               "--grpc-max-message-mb here and grpc.max_receive_message_length on the server")
+        per_request = min(batch_size, fits)
     if model.one_case_per_request:
-        if num_slices * slice_voxels <= max_case_voxels:
+        if num_slices * slice_voxels > max_case_voxels:
+            reason = f"{num_slices * slice_voxels} voxels exceed {max_case_voxels}"
+        elif fits is not None and num_slices > fits:
+            reason = f"{num_slices} slices exceed the {limit / 2**20:g} MiB gRPC message limit"
+        else:
             return [range(num_slices)]
-        print(f"warning: {num_slices * slice_voxels} voxels exceed {max_case_voxels}; sending "
-              f"{batch_size} slices per request, so each batch is normalised with its own MRI "
-              "statistics and results may differ from a whole-case request", file=sys.stderr)
-    return [range(s, min(s + batch_size, num_slices)) for s in range(0, num_slices, batch_size)]
+        print(f"warning: {reason}; sending {per_request} slices per request, so each batch is normalised with "
+              "its own MRI statistics and results may differ from a whole-case request", file=sys.stderr)
+    return [range(s, min(s + per_request, num_slices)) for s in range(0, num_slices, per_request)]
 
 
 def predict_batch(model: RemoteModel, images: np.ndarray, timeout: float) -> np.ndarray:
-    """Sends one columnar predict request and returns its float32 probabilities ``[b, X, Y, N]``.
+    """Sends one request of 2.5D stacks and returns its float32 probabilities ``[b, X, Y, N]``.
 
     Raises:
-        ServingError: the request fails or the answer has no probabilities of the right shape.
+        ServingError: ``images`` is not ``[b, h, w, C]`` with the model's ``C = 2K+1``
+            (refused before sending), the request fails, or the answer has no probabilities
+            of the right shape.
     """
+    if images.ndim != 4:
+        raise ServingError(f"{model.url}: expected stacks [batch, height, width, {model.channels}], "
+                           f"got shape {images.shape}")
+    if images.shape[-1] != model.channels:
+        raise ServingError(f"{model.url}: input has {images.shape[-1]} channels (2.5D context "
+                           f"K={(images.shape[-1] - 1) // 2}) but the model was exported for {model.channels} "
+                           f"(K={model.context}); build the stacks with context {model.context}")
+    if model.protocol == "grpc":
+        from kerasunet import serving_grpc
+
+        where, probs = model.url, serving_grpc.predict(model, images, timeout)
+    else:
+        where, probs = f"{model.url}:predict", _rest_predict(model, images, timeout)
+    expected = (*images.shape[:3], model.num_outputs)
+    if probs.shape != expected:
+        raise ServingError(f"{where}: probabilities have shape {probs.shape}, expected {expected}")
+    return probs
+
+
+def _rest_predict(model: RemoteModel, images: np.ndarray, timeout: float) -> np.ndarray:
+    """One columnar REST predict request (JSON numbers) -> float32 probabilities."""
     url = f"{model.url}:predict"
     answer = call(url, {"signature_name": model.signature, "inputs": {INPUT_NAME: images.tolist()}}, timeout)
     try:
-        probs = np.asarray(answer["outputs"][PROBABILITIES_OUTPUT], dtype=np.float32)
+        return np.asarray(answer["outputs"][PROBABILITIES_OUTPUT], dtype=np.float32)
     except (KeyError, TypeError, ValueError):
         raise ServingError(f"{url}: answer has no outputs.{PROBABILITIES_OUTPUT}") from None
-    expected = (*images.shape[:3], model.num_outputs)
-    if probs.shape != expected:
-        raise ServingError(f"{url}: probabilities have shape {probs.shape}, expected {expected}")
-    return probs
 
 
 def predict_probabilities(model: RemoteModel, data: np.ndarray, batch_size: int = 16, timeout: float = 60.0,
@@ -212,7 +389,8 @@ def predict_probabilities(model: RemoteModel, data: np.ndarray, batch_size: int 
     Args:
         model: from :func:`fetch_model`.
         data: the volume ``(x, y, z)`` in canonical order (axial slices ``data[:, :, k]``).
-        batch_size: slices per request (CT; MRI volumes above ``max_case_voxels``).
+        batch_size: slices per request (CT; MRI volumes above ``max_case_voxels``); fewer
+            over gRPC when they would not fit the message limit.
         timeout: seconds to wait for each answer.
         max_case_voxels: largest MRI volume sent as one request.
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -258,12 +259,16 @@ def reference_outputs(run, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # * ``POST /v1/models/NAME[/versions/V]:predict``    row (``instances`` -> ``predictions``) or
 #   columnar (``inputs`` -> ``outputs``) format
 #
+# ``/labels/L`` may stand where ``/versions/V`` does: L is looked up in the ``version_labels``
+# of ``base_path/models.config``.
+#
 # Errors are ``{"error": "..."}`` with 404 (unknown model or version, TF Serving's
-# "Servable not found for request: ..." text) or 400 (bad request). Versions are the numeric
-# sub-folders of ``base_path``; without a version the highest is used (policy latest 1).
+# "Servable not found for request: ..." text) or 400 (bad request, unknown label). Versions
+# are the numeric sub-folders of ``base_path`` (the newest ``num_versions`` when models.config
+# has a ``latest`` policy); without a version the highest is used.
 # Every request is recorded in ``requests`` so tests can check what a client sent.
 
-_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?"
+_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                     r"(?P<action>/metadata|:predict)?$")
 
 
@@ -303,10 +308,25 @@ class ServingDouble:
         self._server.server_close()
 
     def versions(self) -> list[int]:
-        return sorted(int(p.name) for p in self.base_path.iterdir() if p.is_dir() and p.name.isdigit())
+        """The versions served: all on disk, or the newest ``num_versions`` of models.config's policy."""
+        found = sorted(int(p.name) for p in self.base_path.iterdir() if p.is_dir() and p.name.isdigit())
+        policy = re.search(r"latest\s*{\s*num_versions:\s*(\d+)", self._config())
+        return found[-int(policy[1]):] if policy else found
 
-    def servable(self, name: str, version: str | None):
-        """The loaded SavedModel, or a ``(404, message)`` tuple as TF Serving words it."""
+    def _config(self) -> str:
+        config = self.base_path / "models.config"
+        return config.read_text() if config.exists() else ""
+
+    def servable(self, name: str, version: str | None, label: str | None = None):
+        """The loaded SavedModel, or a ``(status, message)`` tuple as TF Serving words it.
+
+        A label is looked up in models.config's ``version_labels`` (unknown: 400).
+        """
+        if label is not None and name == self.name:
+            found = re.search(rf'version_labels\s*{{\s*key:\s*"{re.escape(label)}"\s*value:\s*(\d+)', self._config())
+            if not found:
+                return 400, f"Unrecognized servable version label: {label}"
+            version = found[1]
         request = f"Specific({name}, {version})" if version else f"Latest({name})"
         available = self.versions() if name == self.name else []
         chosen = int(version) if version else max(available, default=None)
@@ -402,8 +422,8 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and self.owner.fail_predict:
             status, text = self.owner.fail_predict
             return status, {"error": text}
-        found = self.owner.servable(match["name"], match["version"])
-        if found[0] == 404:
+        found = self.owner.servable(match["name"], match["version"], match["label"])
+        if isinstance(found[1], str):
             return found[0], {"error": found[1]}
         version, loaded = found
         if match["action"] == ":predict":
@@ -609,3 +629,226 @@ def organisers_scores(cases: list[dict]) -> dict[str, float]:
     scores["RMSE_Tumorburden"] = np.sqrt(np.mean(np.square(burden)))
     scores["MAXERROR_Tumorburden"] = np.max(burden)
     return scores
+
+
+# --- A test double of TF Serving's gRPC API ------------------------------------------------
+#
+# Not TF Serving either: an in-process ``grpcio`` server on 127.0.0.1 that implements
+# ``tensorflow.serving.PredictionService``'s ``Predict`` and ``GetModelMetadata`` with
+# tensorflow-serving-api's own messages, running the SavedModel with TensorFlow (no
+# kerasunet). Versions and labels resolve as in ``ServingDouble`` (it is one, over another
+# transport). Status codes are TF Serving's: unknown model or version NOT_FOUND, unknown label
+# or bad input INVALID_ARGUMENT, unknown signature FAILED_PRECONDITION; other methods are
+# UNIMPLEMENTED. Like TF Serving without --grpc_channel_arguments it receives at most gRPC's
+# default 4 MiB per message. Metadata is the SavedModel's own ``signature_def`` map (as TF
+# Serving returns it, ``__saved_model_init_op`` included).
+
+GRPC_DEFAULT_MAX_BYTES = 4 * 1024 * 1024
+
+
+class GrpcServingDouble(ServingDouble):
+    """Serves ``base_path`` (``saved_models/NAME``) as model ``name`` over gRPC; a context manager.
+
+    Attributes:
+        url: ``grpc://127.0.0.1:PORT`` once started.
+        requests: ``(method name, request message)`` of every call received.
+        as_fields: answer with typed value fields (``float_val``, ``int_val``) instead of
+            ``tensor_content``; TF Serving's answers may take either form.
+    """
+
+    def __init__(self, base_path: str | Path, name: str | None = None, as_fields: bool = False,
+                 max_receive_bytes: int = GRPC_DEFAULT_MAX_BYTES):
+        super().__init__(base_path, name)
+        self.as_fields = as_fields
+        self.max_receive_bytes = max_receive_bytes
+
+    def __enter__(self) -> "GrpcServingDouble":
+        from concurrent import futures
+
+        import grpc
+        from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
+
+        handlers = {
+            "Predict": grpc.unary_unary_rpc_method_handler(
+                self._predict, request_deserializer=predict_pb2.PredictRequest.FromString,
+                response_serializer=predict_pb2.PredictResponse.SerializeToString),
+            "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
+                self._metadata, request_deserializer=get_model_metadata_pb2.GetModelMetadataRequest.FromString,
+                response_serializer=get_model_metadata_pb2.GetModelMetadataResponse.SerializeToString),
+        }
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                                   options=[("grpc.max_receive_message_length", self.max_receive_bytes),
+                                            ("grpc.max_send_message_length", -1)])
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", handlers),))
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+        self.url = f"grpc://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.stop(grace=None)
+
+    def _resolve(self, spec, context):
+        import grpc
+
+        version = str(spec.version.value) if spec.HasField("version") else None
+        found = self.servable(spec.name, version, spec.version_label or None)
+        if isinstance(found[1], str):
+            context.abort(grpc.StatusCode.NOT_FOUND if found[0] == 404 else grpc.StatusCode.INVALID_ARGUMENT,
+                          found[1])
+        return found
+
+    def _metadata(self, request, context):
+        import grpc
+        from tensorflow.core.protobuf import saved_model_pb2
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        self.requests.append(("GetModelMetadata", request))
+        if list(request.metadata_field) != ["signature_def"]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"Metadata field {list(request.metadata_field)} is not supported")
+        version, _ = self._resolve(request.model_spec, context)
+        saved = saved_model_pb2.SavedModel.FromString((self.base_path / str(version) / "saved_model.pb").read_bytes())
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        for key, signature in saved.meta_graphs[0].signature_def.items():
+            signatures.signature_def[key].CopyFrom(signature)
+        answer = get_model_metadata_pb2.GetModelMetadataResponse()
+        answer.model_spec.name, answer.model_spec.version.value = request.model_spec.name, version
+        answer.metadata["signature_def"].Pack(signatures)
+        return answer
+
+    def _predict(self, request, context):
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        self.requests.append(("Predict", request))
+        version, loaded = self._resolve(request.model_spec, context)
+        name = request.model_spec.signature_name or "serving_default"
+        if name not in loaded.signatures:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.')
+        fn = loaded.signatures[name]
+        _, specs = fn.structured_input_signature
+        if set(request.inputs) != set(specs):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"Expected inputs {sorted(specs)}, got {sorted(request.inputs)}")
+        for key, spec in specs.items():  # gRPC is strict: no dtype conversion, as TF Serving
+            if request.inputs[key].dtype != spec.dtype.as_datatype_enum:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Expects arg {key} to be {spec.dtype.name}")
+        try:
+            result = fn(**{key: tf.constant(tf.make_ndarray(request.inputs[key])) for key in specs})
+        except (ValueError, TypeError, tf.errors.OpError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        answer = predict_pb2.PredictResponse()
+        answer.model_spec.name, answer.model_spec.version.value = request.model_spec.name, version
+        answer.model_spec.signature_name = name
+        for key in request.output_filter or sorted(result):
+            answer.outputs[key].CopyFrom(_tensor_fields(result[key].numpy()) if self.as_fields
+                                         else tf.make_tensor_proto(result[key].numpy()))
+        return answer
+
+
+def _tensor_fields(array: np.ndarray):
+    """A TensorProto with ``array`` in its typed value field (float_val / int_val), not tensor_content."""
+    import tensorflow as tf
+
+    proto = tf.make_tensor_proto(np.zeros((), array.dtype))  # the dtype; shape and values set below
+    proto.ClearField("float_val")
+    proto.ClearField("int_val")
+    proto.tensor_shape.CopyFrom(tf.TensorShape(array.shape).as_proto())
+    (proto.float_val if array.dtype == np.float32 else proto.int_val).extend(array.ravel().tolist())
+    return proto
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- TF Serving's config protos, for tests that parse what ``kerasunet export`` writes -------
+
+
+def parse_models_config(path):
+    """The one ``ModelConfig`` of a ``models.config`` file, parsed with tensorflow-serving-api's proto."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = text_format.Parse(Path(path).read_text(), model_server_config_pb2.ModelServerConfig())
+    [model] = config.model_config_list.config
+    return model
+
+
+def batching_parameters_message():
+    """An empty ``tensorflow.serving.BatchingParameters`` message.
+
+    tensorflow-serving-api does not ship this message; its fields are transcribed from TF
+    Serving's ``tensorflow_serving/servables/tensorflow/session_bundle_config.proto``
+    (``max_batch_size`` .. ``num_batch_threads`` are Int64Value wrappers, 1-4; ``thread_pool_name`` 5;
+    ``allowed_batch_sizes`` repeated int64, 6; ``pad_variable_length_inputs`` bool, 7).
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+    F = descriptor_pb2.FieldDescriptorProto
+    pool = descriptor_pool.DescriptorPool()
+    wrappers = descriptor_pb2.FileDescriptorProto()
+    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
+    pool.Add(wrappers)
+    file = descriptor_pb2.FileDescriptorProto(name="batching_parameters_test.proto", package="tensorflow.serving",
+                                              syntax="proto3", dependency=["google/protobuf/wrappers.proto"])
+    message = file.message_type.add(name="BatchingParameters")
+    for number, name in enumerate(("max_batch_size", "batch_timeout_micros", "max_enqueued_batches",
+                                   "num_batch_threads"), 1):
+        message.field.add(name=name, number=number, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                          type_name=".google.protobuf.Int64Value")
+    message.field.add(name="thread_pool_name", number=5, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                      type_name=".google.protobuf.StringValue")
+    message.field.add(name="allowed_batch_sizes", number=6, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
+    message.field.add(name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))()
+
+
+# --- Dataset layouts (kerasunet synth --layout) ---------------------------------------------
+
+def _layout_settings():
+    from kerasunet.synth import CtSettings, MriSettings
+
+    return CtSettings(32, (4, 6)), MriSettings((24, 20, 4))
+
+
+# the phantom settings of the ``layout_phantoms`` fixture (conftest.py)
+LAYOUT_CT, LAYOUT_MRI = _layout_settings()
+
+
+def backend_gradient(fn, x: np.ndarray) -> np.ndarray:
+    """``d fn(x) / dx`` under the active Keras backend (tensorflow or jax), as numpy.
+
+    Args:
+        fn: scalar function of one tensor, written with ``keras.ops``.
+        x: the point, float32.
+    """
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return np.asarray(jax.grad(fn)(jax.numpy.asarray(x)))
+    import tensorflow as tf
+
+    variable = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        value = fn(variable)
+    return tape.gradient(value, variable).numpy()
+
+
+# Tests of TensorFlow itself (tf.distribute, tf.data, SavedModel): skipped when the suite runs a
+# second time under KERAS_BACKEND=jax (tests/run_jax.sh).
+tensorflow_only = pytest.mark.skipif(
+    os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
+    reason="exercises TensorFlow itself; the JAX run covers the backend-neutral tests")

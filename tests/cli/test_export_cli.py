@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from tests.helpers import assert_one_line_error, run_cli, write_unet_run
+from tests.helpers import assert_one_line_error, parse_models_config, run_cli, write_unet_run
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,8 @@ def test_export_then_refuse_existing_version(run, tmp_path):
     result = CliRunner().invoke(main, ["export", "--model", str(run), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert f"wrote {out / '1'} (signature serving_default)" in result.output
-    assert '-v "$PWD/saved_models/liver:/models/liver" -e MODEL_NAME=liver tensorflow/serving' in result.output
+    assert ('-v "$PWD/saved_models/liver:/models/liver" tensorflow/serving '
+            "--model_config_file=/models/liver/models.config") in result.output
     assert (out / "1" / "saved_model.pb").is_file()
     assert json.loads((out / "export.json").read_text())["latest_version"] == 1
 
@@ -28,6 +29,36 @@ def test_export_then_refuse_existing_version(run, tmp_path):
     assert again.exit_code == 1
     assert again.output == (f"Error: {out / '1'}: version 1 exists; pass --overwrite to replace it "
                             "or omit --version for the next one\n")
+
+
+def test_canary_label_and_a_third_version_that_would_unserve_stable(run, tmp_path):
+    out = tmp_path / "saved_models" / "liver"
+    first = CliRunner().invoke(main, ["export", "--model", str(run), "--out", str(out)])
+    canary = CliRunner().invoke(main, ["export", "--model", str(run), "--out", str(out), "--label", "canary"])
+    assert first.exit_code == 0 and canary.exit_code == 0, canary.output
+    assert f"{out / 'models.config'} (labels: stable -> 1, canary -> 2)" in canary.output
+    assert f"{out / '2' / 'assets.extra' / 'tf_serving_warmup_requests'}, {out / 'batching_parameters.txt'}" \
+        in canary.output
+    assert "--enable_batching --batching_parameters_file=/models/liver/batching_parameters.txt" in canary.output
+    assert ("then: kerasunet predict --server grpc://localhost:8500 --model-name liver --model-label stable "
+            "--input VOL.nii.gz --output MASK.nii.gz") in canary.output
+    config = parse_models_config(out / "models.config")
+    assert dict(config.version_labels) == {"stable": 1, "canary": 2}
+    assert config.model_version_policy.latest.num_versions == 2
+
+    third = CliRunner().invoke(main, ["export", "--model", str(run), "--out", str(out), "--label", "canary"])
+    assert third.exit_code == 1 and isinstance(third.exception, SystemExit)
+    assert third.output == (f"Error: {out}: label 'stable' would point to version 1, which the policy (the 2 newest "
+                            "versions live) no longer serves once version 3 is written (live: 2, 3); export with "
+                            "--label stable to move it, or move the newer versions away\n")
+    assert sorted(p.name for p in out.iterdir() if p.name.isdigit()) == ["1", "2"]  # nothing written
+
+
+def test_label_must_be_known(run, tmp_path):
+    result = CliRunner().invoke(main, ["export", "--model", str(run), "--out", str(tmp_path / "liver"),
+                                       "--label", "beta"])
+    assert result.exit_code == 2 and "Invalid value for '--label'" in result.output
+    assert not (tmp_path / "liver").exists()
 
 
 def test_missing_model(tmp_path):

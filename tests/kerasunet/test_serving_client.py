@@ -178,20 +178,57 @@ def test_double_rejects_bad_json(served):
 
 
 def test_server_url_needs_scheme():
-    with pytest.raises(ServingError, match=r"^localhost:8501: server URL must start with http:// or https://$"):
+    with pytest.raises(ServingError, match=r"^localhost:8501: server URL must start with http://, https:// "
+                                           r"or grpc://$"):
         model_url("localhost:8501", "liver")
 
 
-@pytest.mark.parametrize("outputs, voxels, expected", [
-    (1, 100, [range(0, 5)]),                                   # MRI case that fits: one request
-    (1, 10_000_000, [range(0, 2), range(2, 4), range(4, 5)]),  # MRI too large: batches + warning
-    (2, 100, [range(0, 2), range(2, 4), range(4, 5)]),         # CT: fixed window, any batching
+def test_label_in_the_url_and_served_by_the_double(served, tmp_path):
+    write_volume(tmp_path / "ct.nii", np.random.default_rng(6).uniform(-300, 400, (12, 10, 3)))
+    result = predict_path_served(served["ct"].url, "liver-ct", tmp_path / "ct.nii", tmp_path / "m.nii.gz",
+                                 PredictSettings(batch_size=4), label="stable", **QUIET)
+    assert result.written == [tmp_path / "m.nii.gz"]
+    assert [(m, p) for m, p, _ in served["ct"].requests] == [("GET", "/v1/models/liver-ct/labels/stable/metadata"),
+                                                             ("POST", "/v1/models/liver-ct/labels/stable:predict")]
+    assert model_url("http://h:8501/", "liver", label="canary") == "http://h:8501/v1/models/liver/labels/canary"
+    with pytest.raises(ValueError, match=r"^Expected a version or a label, not both\. Received: version=1, "
+                                         r"label='stable'$"):
+        fetch_model(served["ct"].url, "liver-ct", 1, label="stable")
+
+
+def test_input_of_the_other_modality_is_refused(served, tmp_path):
+    folder = tmp_path / "lits"
+    folder.mkdir()
+    write_volume(folder / "volume-0.nii", np.zeros((8, 8, 2)))
+    url = served["mri"].url
+    with pytest.raises(ServingError, match=rf"^{re.escape(url)}/v1/models/liver-mri/metadata: the input is CT but the "
+                                           r"model was exported for MRI \(its 'probabilities' are tumour\); use a "
+                                           r"model trained on CT$"):
+        predict_path_served(url, "liver-mri", folder, tmp_path / "out", **QUIET)
+    assert [m for m, _, _ in served["mri"].requests] == ["GET"] and not (tmp_path / "out").exists()
+
+
+MIB = 2**20
+
+
+@pytest.mark.parametrize("outputs, voxels, limit, batch, expected, warning", [
+    (1, 100, None, 2, [range(0, 5)], None),                                 # MRI case that fits: one request
+    (1, 10_000_000, None, 2, [range(0, 2), range(2, 4), range(4, 5)],       # MRI too large: batches + warning
+     "10000000 voxels exceed 8000000; sending 2 slices per request"),
+    (2, 100, None, 2, [range(0, 2), range(2, 4), range(4, 5)], None),       # CT: fixed window, any batching
+    # gRPC, 4 MiB: a 512x512 slice of 3 channels is 3 MiB, so one per request
+    (2, 5 * 512 * 512, 4 * MIB, 16, [range(i, i + 1) for i in range(5)], None),
+    (1, 5 * 512 * 512, 4 * MIB, 16, [range(i, i + 1) for i in range(5)],    # MRI over the limit: warned
+     "5 slices exceed the 4 MiB gRPC message limit; sending 1 slices per request"),
+    (1, 5 * 512 * 512, 64 * MIB, 16, [range(0, 5)], None),                  # ... unless the limit is raised
+    (2, 5 * 100, 4 * MIB, 2, [range(0, 2), range(2, 4), range(4, 5)], None),  # small slices: batch_size rules
 ])
-def test_plan_batches(capsys, outputs, voxels, expected):
-    model = RemoteModel(url="u", channels=3, num_outputs=outputs)
-    assert plan_batches(5, voxels // 5, 2, model) == expected
+def test_plan_batches(capsys, outputs, voxels, limit, batch, expected, warning):
+    model = RemoteModel(url="u", channels=3, num_outputs=outputs, max_message_bytes=limit)
+    assert plan_batches(5, voxels // 5, batch, model) == expected
     warned = capsys.readouterr().err
-    assert ("normalised with its own MRI statistics" in warned) == (voxels > 8_000_000)
+    assert ("normalised with its own MRI statistics" in warned) == (warning is not None)
+    assert warning is None or warned.startswith(f"warning: {warning}, so each batch is normalised")
 
 
 @pytest.mark.parametrize("outputs, modality", [(2, "ct"), (1, "mri")])
