@@ -19,6 +19,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q
+	sh tests/run_jax.sh $(BIN)/python   # the model code again, under KERAS_BACKEND=jax
 
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m cli.demo

@@ -104,7 +104,7 @@ def project_loop(records: str, tmp: Path, size: int, filters: int, batch: int, s
 
 
 def from_records(tmp: Path, size: int, batch: int, steps: int) -> dict:
-    from kerasunet.data import get_dataset
+    from kerasunet.data import get_dataset, targets_from_labels
     from kerasunet.synth import synth_lits
     from tfrecords_builder.build import BuildSettings, build_records
 
@@ -112,7 +112,9 @@ def from_records(tmp: Path, size: int, batch: int, steps: int) -> dict:
     settings = BuildSettings(source=str(tmp / "lits"), dataset="lits", out=str(tmp / "records"),
                              all_slices=True, val_fraction=0.0, test_fraction=0.0, workers=1)
     build_records(settings)
-    dataset = get_dataset(settings.out, "train", batch, training=True, repeat=True, seed=0)
+    # model.fit needs the float32 targets; kerasunet's own loop expands the uint8 labels in its step
+    dataset = get_dataset(settings.out, "train", batch, training=True, repeat=True, seed=0).map(
+        lambda x, labels: (x, targets_from_labels(labels, "ct")))
     return {"x": dataset, "steps_per_epoch": steps}
 
 

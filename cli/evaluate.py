@@ -10,6 +10,7 @@ from click.core import ParameterSource
 from cli.predict import postprocess_options, postprocess_settings
 from kerasunet.core.preprocessing import MODALITIES
 from kerasunet.evaluate import EvaluateError, EvaluateSettings, evaluate as run_evaluation, name_models
+from kerasunet.core.cases import LAYOUTS
 from kerasunet.core.nifti import VolumeError
 from kerasunet.lits_metrics import CONVENTIONS
 from kerasunet.predict import PredictSettings
@@ -43,9 +44,13 @@ from kerasunet.core.runs import RunError
 @postprocess_options
 @click.option("--phase", default="artery", show_default=True,
               help="MRI layout (with --input): image file stem in each case folder.")
+@click.option("--layout", type=click.Choice(list(LAYOUTS)), default=None,
+              help="Layout of --input [default: detected]; see docs/datasets.md.")
+@click.option("--series", default=None, metavar="UID",
+              help="DICOM: the SeriesInstanceUID to read where a folder holds several series.")
 @click.pass_context
 def evaluate(ctx, models, pred_dir, truth_dir, modality, convention, records_dir, input_dir, out_dir, split,
-             n_overlays, batch_size, tta, threshold, phase, **postprocess):
+             n_overlays, batch_size, tta, threshold, phase, layout, series, **postprocess):
     """Evaluate models on held-out volumes: metrics.csv, summary.json, report.md, overlays/.
 
     Several models (--model A --model B ...) segment the same cases with the same settings.
@@ -62,7 +67,8 @@ def evaluate(ctx, models, pred_dir, truth_dir, modality, convention, records_dir
     if input_dir is not None and ctx.get_parameter_source("split") is not ParameterSource.DEFAULT:
         raise click.UsageError("--split applies to --records only")
     predict = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold,
-                              postprocess=postprocess_settings(**postprocess), phase=phase)
+                              postprocess=postprocess_settings(**postprocess), phase=phase, layout=layout,
+                              series=series)
     settings = EvaluateSettings(predict=predict, n_overlays=n_overlays, split=split, convention=convention)
     data = records_dir if records_dir is not None else input_dir
     try:

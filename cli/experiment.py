@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from kerasunet.core.cases import LAYOUTS
 from kerasunet.core.records_format import DEFAULT_WORKERS
 from kerasunet.experiment import EXPERIMENT_LOSSES, PRESETS, ExperimentSettings, run_experiment
 
@@ -17,9 +18,9 @@ def experiment():
 
 @experiment.command("transfer")
 @click.option("--lits", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="LiTS folder (volume-N / segmentation-N).")
+              help="CT folder: LiTS (volume-N / segmentation-N), or another --ct-layout.")
 @click.option("--mri", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="MRI folder (one folder per case).")
+              help="MRI folder: one folder per case (FZMC), or another --mri-layout.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Experiment folder; a rerun keeps the steps whose settings are unchanged and reruns the rest.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small", show_default=True,
@@ -31,6 +32,10 @@ def experiment():
               help="Loss of the main runs [preset]; the ablation runs model A with the other of bce/bce_dice.")
 @click.option("--ablation/--no-ablation", default=True, show_default=True, help="Run the loss ablation.")
 @click.option("--phase", default="artery", show_default=True, help="MRI phase image name.")
+@click.option("--ct-layout", type=click.Choice(list(LAYOUTS)), default="lits", show_default=True,
+              help="Layout of --lits (msd: the Decathlon's Task03_Liver); see docs/datasets.md.")
+@click.option("--mri-layout", type=click.Choice(list(LAYOUTS)), default="mri", show_default=True,
+              help="Layout of --mri (mri: the FZMC case folders; atlas: ATLAS 2023).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed (repeat r uses seed + 1000 r).")
 @click.option("--workers", type=click.IntRange(min=1), default=DEFAULT_WORKERS, show_default=True,
               help="Processes for building records.")

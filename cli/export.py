@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from kerasunet.export import CONFIG_FILE, INFO_FILE, ExportError, export_model, example_commands
+from kerasunet.export import CONFIG_FILE, INFO_FILE, LABELS, ExportError, export_model
 from kerasunet.core.runs import RunError
+from kerasunet.onnx_engine import onnx_model_of, write_onnx
 
 
 @click.command("export")
@@ -18,22 +19,34 @@ from kerasunet.core.runs import RunError
 @click.option("--version", type=click.IntRange(min=1), default=None,
               help="Version number. Default: the highest existing version + 1 (1 for a new model).")
 @click.option("--overwrite", is_flag=True, help="Replace the version folder if it exists.")
-def export(model_path: Path, out_dir: Path, version: int | None, overwrite: bool):
+@click.option("--label", type=click.Choice(LABELS), default="stable", show_default=True,
+              help="Version label of the new version in models.config (canary keeps stable where it is).")
+@click.option("--format", "export_format", type=click.Choice(["savedmodel", "onnx"]), default="savedmodel",
+              show_default=True, help="onnx: also write model.onnx into the version folder, for "
+                                      "`kerasunet predict --engine onnx` (onnxruntime, no TensorFlow).")
+def export(model_path: Path, out_dir: Path, version: int | None, overwrite: bool, label: str,
+           export_format: str):
     """Export a model with raw-intensity input, in-graph preprocessing and a uint8 mask output."""
     try:
-        target = export_model(model_path, out_dir, version=version, overwrite=overwrite)
+        # Converted before anything is written, so a model without an ONNX form leaves no version behind.
+        onnx_proto = onnx_model_of(model_path) if export_format == "onnx" else None
+        target = export_model(model_path, out_dir, version=version, overwrite=overwrite, label=label)
+        if onnx_proto is not None:
+            click.echo(f"wrote {write_onnx(onnx_proto, target)} (ONNX: normalised slices -> probabilities)")
     except (RunError, ExportError) as exc:
         raise click.ClickException(str(exc)) from None
-    name = out_dir.name
-    channels = _channels(out_dir)
-    commands = example_commands(name, channels)
-    click.echo(f"wrote {target} (signature serving_default), {out_dir / CONFIG_FILE}, {out_dir / INFO_FILE}")
-    click.echo(f"serve it (from the folder holding saved_models/):\n  {commands['docker_run']}")
-    click.echo(f"then: kerasunet predict --server http://localhost:8501 --model-name {name} "
-               "--input VOL.nii.gz --output MASK.nii.gz")
+    _report(target, out_dir)
 
 
-def _channels(out_dir: Path) -> int:
+def _report(target: Path, out_dir: Path) -> None:
     import json
 
-    return int(json.loads((out_dir / INFO_FILE).read_text())["channels"])
+    info = json.loads((out_dir / INFO_FILE).read_text())
+    labels = ", ".join(f"{k} -> {v}" for k, v in info["version_labels"].items())
+    extras = [f"{target / info['warmup_file']}"] if info["warmup_file"] else []
+    if info["batching_parameters"]:
+        extras.append(str(out_dir / info["batching_parameters"]["file"]))
+    click.echo(f"wrote {target} (signature serving_default), {out_dir / CONFIG_FILE} (labels: {labels}), "
+               + ", ".join([*extras, str(out_dir / INFO_FILE)]))
+    click.echo(f"serve it (from the folder holding saved_models/):\n  {info['docker_run_config_file']}")
+    click.echo(f"then: {info['predict_grpc']}")

@@ -7,11 +7,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from kerasunet.core.cases import LAYOUTS
 from kerasunet.core.nifti import VolumeError
 from kerasunet.postprocess import PostprocessSettings
-from kerasunet.predict import PredictSettings, predict_path, predict_path_served
+from kerasunet.predict import ENGINES, PredictSettings, predict_path, predict_path_served
 from kerasunet.core.runs import RunError
-from kerasunet.serving_client import ServingError
+from kerasunet.serving_client import GRPC_SCHEME, ServingError
 
 _DEFAULTS = PostprocessSettings()
 
@@ -45,15 +46,21 @@ def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tu
 @click.command("predict")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Run folder (best.keras + config.json) or a .keras file with config.json beside it.")
-@click.option("--server", default=None, help="TF Serving REST URL (e.g. http://localhost:8501) instead of --model.")
+@click.option("--server", default=None,
+              help="TF Serving instead of --model: http://HOST:8501 (REST) or grpc://HOST:8500 (gRPC).")
 @click.option("--model-name", default=None, help="With --server: the served model's name.")
 @click.option("--model-version", type=click.IntRange(min=1), default=None,
               help="With --server: a specific version (default: the server's latest).")
+@click.option("--model-label", default=None,
+              help="With --server: a version label from models.config (stable, canary) instead of --model-version.")
+@click.option("--grpc-max-message-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With grpc://: the largest request or answer in MiB (default 4, gRPC's own); the server "
+                   "needs a matching grpc.max_receive_message_length.")
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
-              help="A .nii/.nii.gz volume, or a folder in the LiTS (volume-N) or MRI (CASE/<phase>) layout.")
+              help="A .nii/.nii.gz volume, a DICOM series folder, or a dataset folder in any --layout.")
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Mask file (.nii/.nii.gz) for a single volume, else a folder: segmentation-N.nii[.gz] "
-                   "(LiTS) or CASE/prediction.nii.gz (MRI).")
+                   "(LiTS), CASE/prediction.nii.gz (MRI) or the case's label file name (other layouts).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Slices per model call (with --server: per request).")
 @click.option("--tta/--no-tta", default=False, show_default=True,
@@ -64,32 +71,48 @@ def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tu
               help="Also write float32 probability maps (probabilities-N.nii.gz / CASE/probabilities.nii.gz).")
 @postprocess_options
 @click.option("--phase", default="artery", show_default=True, help="MRI layout: image file stem in each case folder.")
+@click.option("--layout", type=click.Choice(list(LAYOUTS)), default=None,
+              help="Layout of a folder --input [default: detected]; see docs/datasets.md.")
+@click.option("--series", default=None, metavar="UID",
+              help="DICOM: the SeriesInstanceUID to read when a folder holds several series.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="With --server: seconds to wait for each answer.")
+@click.option("--engine", type=click.Choice(ENGINES), default="keras", show_default=True,
+              help="Local --model: keras (the run's .keras model) or onnx (the model.onnx of `kerasunet export "
+                   "--format onnx`, or a folder holding one, run by onnxruntime without TensorFlow; faster on CPU).")
 @click.pass_context
-def predict(ctx, model_path, server, model_name, model_version, input_path, output_path, batch_size, tta, threshold,
-            probabilities, phase, timeout, **postprocess):
+def predict(ctx, model_path, server, model_name, model_version, model_label, grpc_max_message_mb, input_path,
+            output_path, batch_size, tta, threshold, probabilities, phase, layout, series, timeout, engine,
+            **postprocess):
     """Segment volumes; masks keep the input's own affine, shape and orientation.
 
     Post-processing (default on; after Chlebus et al. 2018): CT keeps the largest 3D liver
     component, tumour only within --liver-dilation-mm (5 mm) of it, and drops tumour components
     under --min-tumour-voxels (10); MRI only drops the small tumour components. With --server
     the served model returns probabilities and the threshold and post-processing run here, so
-    the masks equal a local --model run of the same model. Exits with status 1 when any
-    volume failed (the others are still written).
+    the masks equal a local --model run of the same model; a served model of the other modality
+    than the input folder's layout, or of other channels, is refused before any volume is sent.
+    Exits with status 1 when any volume failed (the others are still written).
     """
     _check_source(ctx, model_path, server, model_name, model_version, tta)
+    _check_server_options(server, model_version, model_label, grpc_max_message_mb)
     settings = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold,
                                postprocess=postprocess_settings(**postprocess),
-                               save_probabilities=probabilities, phase=phase)
+                               save_probabilities=probabilities, phase=phase, layout=layout, series=series,
+                               engine=engine)
     try:
         if server:
+            max_bytes = None if grpc_max_message_mb is None else int(grpc_max_message_mb * 2**20)
             result = predict_path_served(server, model_name, input_path, output_path, settings,
-                                         version=model_version, timeout=timeout, progress=click.echo)
+                                         version=model_version, timeout=timeout, progress=click.echo,
+                                         label=model_label, max_message_bytes=max_bytes)
         else:
             result = predict_path(model_path, input_path, output_path, settings, progress=click.echo)
     except (RunError, VolumeError, ServingError) as exc:
         raise click.ClickException(str(exc)) from None
+    if len(result.failures) == 1 and not result.written:  # the one input failed: its reason is the error
+        path, message = result.failures[0]
+        raise click.ClickException(message if message.startswith(str(path)) else f"{path}: {message}")
     click.echo(f"wrote {len(result.written)} mask(s) under {output_path}")
     if result.failures:
         for path, message in result.failures:
@@ -109,6 +132,17 @@ def _check_source(ctx, model_path, server, model_name, model_version, tta) -> No
         raise click.UsageError("--server needs --model-name")
     if server and tta:
         raise click.UsageError("--tta needs a local --model: the served graph has no flips")
+    if server and ctx.params["engine"] != "keras":
+        raise click.UsageError("--engine only applies to a local --model; a --server runs its own graph")
     given_timeout = ctx.get_parameter_source("timeout") is not ParameterSource.DEFAULT
     if not server and (model_name or model_version or given_timeout):
         raise click.UsageError("--model-name/--model-version/--timeout only apply with --server")
+
+
+def _check_server_options(server, model_version, model_label, grpc_max_message_mb) -> None:
+    if model_label is not None and not server:
+        raise click.UsageError("--model-label only applies with --server")
+    if model_label is not None and model_version is not None:
+        raise click.UsageError("--model-version and --model-label are mutually exclusive: a label names a version")
+    if grpc_max_message_mb is not None and not (server or "").startswith(GRPC_SCHEME):
+        raise click.UsageError("--grpc-max-message-mb only applies with --server grpc://HOST:PORT")

@@ -8,7 +8,7 @@ import re
 import click
 
 from kerasunet.core.choices import LOSSES, MODES, PRECISIONS, SCHEDULES
-from kerasunet.train_settings import TrainError, TrainSettings
+from kerasunet.train_settings import MONITORS, PRESETS, TrainError, TrainSettings, settings_from_options
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
 
@@ -54,14 +54,22 @@ def _option(*decls, name: str, **kwargs):
 @_option("--steps-per-epoch", name="steps_per_epoch", type=click.IntRange(min=1),
          help="Training steps per epoch [default: one pass over the train split].")
 @_option("--seed", name="seed", type=int, help="Random seed.")
+@_option("--monitor", name="monitor", type=click.Choice(MONITORS),
+         help="best.keras: highest mean validation Dice (CT liver and tumour) or lowest validation loss.")
+@_option("--preset", name="preset", type=click.Choice(sorted(PRESETS)),
+         help="Start from named settings (paper: the research's); options given still apply.")
 @_option("--resume", name="resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def train(**options):
+@click.pass_context
+def train(ctx, **options):
     """Train a U-Net on a records folder and write a run folder (see kerasunet.core.runs)."""
+    from click.core import ParameterSource
+
     from kerasunet.distribute import DistributeError
     from kerasunet.train import train as run_training
 
+    given = {name for name in options if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
     try:
-        run_dir = run_training(TrainSettings(**options), progress=click.echo)
+        run_dir = run_training(settings_from_options(options, given), progress=click.echo)
     except (TrainError, DistributeError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {run_dir}")

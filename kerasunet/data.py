@@ -3,6 +3,15 @@
 Pipeline: interleave shard files -> parse -> decode -> normalise -> (resize / pad) ->
 augment (training only) -> shuffle -> batch -> prefetch. Everything runs inside tf.data.
 
+Output contract: batches of ``(image, labels)``: ``image`` float32 ``[B, H, W, C]``
+normalised, ``labels`` the uint8 label map ``[B, H, W]`` of the centre slices (0 background,
+then the modality's structures, ``kerasunet.core.labels``). The label map stays uint8 all the
+way to the model's device (a quarter of the bytes of one float32 channel); the training and
+validation steps (``kerasunet.steps``) expand it into the float32 multi-label targets
+``[B, H, W, N]`` the loss and metrics take, with :func:`targets_from_labels`. Expanded in
+tf.data, the 8-byte-per-pixel targets were most of the reader's cost at 512x512
+(``benchmarks/README.md``).
+
 * Normalisation uses each example's own case statistics (``image/norm_stats``) and
   :func:`kerasunet.core.preprocessing.normalize`, the same formula predict and export use.
 * ``image_size=(H, W)`` *resizes* (bilinear image, nearest-neighbour mask) rather than
@@ -57,7 +66,7 @@ def split_files(records_dir: str | Path, manifest: dict, split: str) -> list[str
 
 
 def targets_from_labels(label, modality: str):
-    """uint8 label map ``(H, W)`` -> float32 targets ``(H, W, N)`` (tf twin of labels.targets_from_labels_np).
+    """uint8 label map ``(...)`` -> float32 targets ``(..., N)`` (tf twin of labels.targets_from_labels_np).
 
     One table lookup per voxel (row = label value), cheaper than comparing per channel;
     the builder guarantees label values are in ``VALID_LABELS[modality]``.
@@ -88,15 +97,19 @@ def _oversample(parsed, fraction: float, seed, repeat: bool):
                                                 seed=seed, stop_on_empty_dataset=not repeat)
 
 
-def _pad_to_multiple(image, target, stats, multiple: int):
-    """Pads bottom/right to a multiple; one example ``(H, W, C)`` or a batch ``(B, H, W, C)``."""
+def _pad_to_multiple(image, label, stats, multiple: int):
+    """Pads bottom/right to a multiple; one example ``(H, W, C)`` or a batch ``(B, H, W, C)``.
+
+    The image gets its normalised clip floor, the label map (``(H, W, 1)`` or ``(B, H, W, 1)``)
+    background (0).
+    """
     shape, rank = tf.shape(image), image.shape.rank
     pad_h = (-shape[-3]) % multiple
     pad_w = (-shape[-2]) % multiple
     floor = (stats[..., 0] - stats[..., 2]) / stats[..., 3]  # the normalised clip floor, per example
     floor = tf.reshape(floor, tf.concat([tf.shape(floor), [1, 1, 1]], 0))
     paddings = [[0, 0]] * (rank - 3) + [[0, pad_h], [0, pad_w], [0, 0]]
-    return tf.pad(image - floor, paddings) + floor, tf.pad(target, paddings)
+    return tf.pad(image - floor, paddings) + floor, tf.pad(label, paddings)
 
 
 def _static_hw(manifest: dict, split: str, image_size, pad_to_multiple):
@@ -112,19 +125,26 @@ def _static_hw(manifest: dict, split: str, image_size, pad_to_multiple):
 
 
 def _example_fn(manifest: dict, image_size, pad_to_multiple):
-    """parse -> decode -> normalise -> resize/pad, as one map function."""
-    modality, channels = manifest["modality"], manifest["channels"]
+    """parse -> decode -> normalise -> resize/pad, as one map function.
+
+    The label map carries a channel axis of 1 (``(H, W, 1)``) until :func:`_with_static_shape`,
+    so resizing, padding and augmentation treat it as a one-channel image.
+    """
+    channels = manifest["channels"]
+    # One XLA kernel instead of three passes (clip, subtract, divide) over each 1 MiB slice:
+    # twice the reader's rate at 512x512 on CPU (benchmarks/README.md). Compiled per shape.
+    normalize_xla = tf.function(normalize, jit_compile=True)
 
     def fn(parsed):
         ex = decode_example(parsed, channels)
-        image = normalize(ex["image"], ex["norm_stats"])
-        target = targets_from_labels(ex["label"], modality)
+        image = normalize_xla(ex["image"], ex["norm_stats"])
+        label = ex["label"][..., None]
         if image_size is not None:
             image = tf.image.resize(image, image_size, method="bilinear")
-            target = tf.image.resize(target, image_size, method="nearest")
+            label = tf.image.resize(label, image_size, method="nearest")  # stays uint8
         if pad_to_multiple:
-            image, target = _pad_to_multiple(image, target, ex["norm_stats"], pad_to_multiple)
-        return image, target
+            image, label = _pad_to_multiple(image, label, ex["norm_stats"], pad_to_multiple)
+        return image, label
 
     return fn
 
@@ -132,7 +152,10 @@ def _example_fn(manifest: dict, image_size, pad_to_multiple):
 def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, image_size=None,
                 pad_to_multiple=None, augment=None, oversample_tumour: float = 0.0, seed=None,
                 repeat: bool = False, drop_remainder=None, shuffle_buffer: int = 256) -> tf.data.Dataset:
-    """Batches of ``(image [B, H, W, C] normalised, target [B, H, W, N])`` from one split.
+    """Batches of ``(image [B, H, W, C] float32 normalised, labels [B, H, W] uint8)`` from one split.
+
+    The labels are the records' label maps (module docstring); :func:`targets_from_labels`
+    turns them into the float32 targets ``[B, H, W, N]`` on the device that trains.
 
     Args:
         records_dir: folder with ``manifest.json`` and the shards.
@@ -168,10 +191,10 @@ def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, ima
         # Fast path: shuffle and batch the serialised records, then parse, decode and
         # normalise whole batches (one op per batch instead of per slice).
         ds = _records(files, manifest, training, seed)
+        if repeat:  # before the shuffle: its buffer then never drains and refills at an epoch's end
+            ds = ds.repeat()
         if training:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
         ds = ds.batch(batch_size, drop_remainder=drop)
         fn = _example_fn(manifest, image_size, pad_to_multiple)
         ds = ds.map(lambda s: fn(parse_examples(s)), num_parallel_calls=AUTOTUNE, deterministic=not training)
@@ -186,19 +209,18 @@ def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, ima
                     num_parallel_calls=AUTOTUNE, deterministic=not training)
     if training and augment is not None:
         ds = _augmented(ds, augment, seed)
+    if repeat and not (training and oversample_tumour > 0):  # (oversampling repeats its own streams)
+        ds = ds.repeat()
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat and not (training and oversample_tumour > 0):
-        ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop, num_parallel_calls=AUTOTUNE,
                   deterministic=not training)
     return _with_static_shape(ds, manifest, batch_size if drop else None, height, width)
 
 
 def _with_static_shape(ds, manifest: dict, batch, height, width):
-    outputs = len(manifest["outputs"])
     ds = ds.map(lambda x, y: (tf.ensure_shape(x, [batch, height, width, manifest["channels"]]),
-                              tf.ensure_shape(y, [batch, height, width, outputs])))
+                              tf.ensure_shape(y[..., 0], [batch, height, width])))
     return ds.prefetch(AUTOTUNE)
 
 

@@ -2,11 +2,11 @@
 
 ``data`` is either a records folder (its ``manifest.json`` test split, read through
 ``kerasunet.data.read_manifest``; the volumes are the source paths in ``manifest["cases"]``)
-or a folder of volumes with labels in the LiTS or MRI layout. A case without a label, or one
-that fails the checks ``build-records`` applies (``kerasunet.core.cases.load_case``), is
-skipped with the same reason and the others are evaluated. Every model segments the same
-cases through :func:`kerasunet.predict.predict_volume` (the one inference path), each volume
-is read once.
+or a folder of volumes with labels in any layout of ``kerasunet.core.cases.LAYOUTS``. A case
+without a label, or one that fails the checks ``build-records`` applies
+(``kerasunet.core.cases.load_case``), is skipped with the same reason and the others are
+evaluated. Every model segments the same cases through :func:`kerasunet.predict.predict_volume`
+(the one inference path), each volume is read once.
 
 ``out_dir`` receives (all written atomically):
 
@@ -38,7 +38,7 @@ from kerasunet.figures import overlay_figure, pick_slice
 from kerasunet.lits_metrics import check_convention, default_convention
 from kerasunet.lits_scoring import (convention_note, csv_rows, finite_or_none, fmt, metrics_row, metrics_section,
                                     score_volume, summarize_cases)
-from kerasunet.core.cases import LAYOUTS, MISSING_LABEL, CaseError, CaseFiles, find_cases, load_case
+from kerasunet.core.cases import MISSING_LABEL, CaseError, CaseFiles, case_from_entry, load_case, open_dataset
 from kerasunet.predict import PredictSettings, load_predictor, predict_volume
 from kerasunet.core.preprocessing import case_stats, normalize_np
 from kerasunet.core.records_format import MANIFEST_FILE
@@ -88,8 +88,8 @@ def name_models(paths) -> dict[str, Path]:
     return names
 
 
-def find_eval_cases(data, split: str = "test", phase: str = "artery",
-                    records: bool | None = None) -> tuple[str, list[CaseFiles], list[dict]]:
+def find_eval_cases(data, split: str = "test", phase: str = "artery", records: bool | None = None,
+                    layout: str | None = None, series: str | None = None) -> tuple[str, list[CaseFiles], list[dict]]:
     """The labelled cases of a records folder's split or of a volume folder.
 
     Args:
@@ -98,6 +98,8 @@ def find_eval_cases(data, split: str = "test", phase: str = "artery",
         phase: MRI image file stem (volume folders).
         records: True: ``data`` must be a records folder (``evaluate --records``); False: a
             folder of volumes (``--input``); None: a records folder if it holds a manifest.
+        layout: the volume folder's layout (``kerasunet.core.cases.LAYOUTS``); None detects it.
+        series: SeriesInstanceUID to read from DICOM folders that hold several series.
 
     Returns:
         ``(modality, cases, skipped)`` with ``skipped`` a list of ``{"case", "reason"}``.
@@ -117,8 +119,8 @@ def find_eval_cases(data, split: str = "test", phase: str = "artery",
     if has_manifest:
         modality, cases = manifest_cases(data, split)
     else:
-        layout, cases = find_cases(data, phase)
-        modality = LAYOUTS[layout].modality
+        dataset = open_dataset(data, layout, phase, series)
+        modality, cases = dataset.modality, dataset.cases
     skipped = [{"case": c.case_id, "reason": MISSING_LABEL} for c in cases if c.label is None]
     labelled = [c for c in cases if c.label is not None]
     if not labelled:
@@ -141,8 +143,7 @@ def manifest_cases(records_dir: Path, split: str) -> tuple[str, list[CaseFiles]]
         if split not in splits:
             raise EvaluateError(f"{path}: no {split!r} split (has {sorted(splits)})")
         entries = {c: manifest["cases"][c] for c in splits[split]["cases"]}
-        cases = [CaseFiles(c, Path(e["image"]), Path(e["label"]) if e.get("label") else None)
-                 for c, e in entries.items()]
+        cases = [case_from_entry(c, e) for c, e in entries.items()]
         return manifest["modality"], cases
     except RecordsError as exc:
         raise EvaluateError(str(exc)) from None
@@ -172,7 +173,8 @@ def evaluate(models: dict[str, str | Path], data, out_dir, settings: EvaluateSet
     if not models:
         raise EvaluateError(f"{data}: no model to evaluate")
     out_dir = Path(out_dir)
-    modality, cases, skipped = find_eval_cases(data, settings.split, settings.predict.phase, records)
+    modality, cases, skipped = find_eval_cases(data, settings.split, settings.predict.phase, records,
+                                               settings.predict.layout, settings.predict.series)
     predictors = load_predictors(models, modality, data)
     convention = settings.convention or default_convention(modality)
     scores = score_cases(predictors, cases, modality, settings, out_dir / "overlays", progress, convention)

@@ -94,6 +94,9 @@ class Preset:
     oversample_tumour: float
     ablation_losses: tuple[str, ...]
     schedule: str = "none"
+    # The experiment keeps the research's dropout and selection rule whatever train's defaults are.
+    dropout: float = 0.5
+    monitor: str = "loss"
 
 
 PRESETS = {
@@ -125,6 +128,8 @@ class ExperimentSettings:
     phase: str = "artery"
     seed: int = 0
     workers: int = DEFAULT_WORKERS
+    ct_layout: str = "lits"  # layouts of ``lits`` and ``mri`` (kerasunet.core.cases.LAYOUTS)
+    mri_layout: str = "mri"
 
     def hyperparameters(self) -> Preset:
         """The preset with this command's overrides applied.
@@ -204,7 +209,8 @@ def run_experiment(settings: ExperimentSettings, progress: Callable[[str], None]
     records = {name: _build(src, name, out / "records" / name, settings, progress)
                for name, src in (("lits", settings.lits), ("mri", settings.mri))}
     common = dict(filters=preset.filters, depth=preset.depth, augment=preset.augment,
-                  schedule=preset.schedule, oversample_tumour=preset.oversample_tumour)
+                  schedule=preset.schedule, oversample_tumour=preset.oversample_tumour,
+                  dropout=preset.dropout, monitor=preset.monitor)
     ct = _train(state, out / "runs" / "ct", records["lits"], progress, mode="scratch",
                 epochs=preset.ct_epochs, batch_size=preset.ct_batch_size, lr=preset.ct_lr,
                 loss=preset.loss, seed=settings.seed, **common)
@@ -307,8 +313,13 @@ def _build(source: Path, dataset: str, out: Path, settings: ExperimentSettings, 
 
     progress(f"== records: {dataset} from {source} ==")
     phase = {"phase": settings.phase} if dataset == "mri" else {}  # CT has no phase: not in its hash
-    build = BuildSettings(source=str(source), dataset=dataset, out=str(out), seed=settings.seed, holdout="last",
+    layout = settings.ct_layout if dataset == "lits" else settings.mri_layout
+    build = BuildSettings(source=str(source), dataset=layout, out=str(out), seed=settings.seed, holdout="last",
                           val_fraction=0.2, test_fraction=0.25, workers=settings.workers, **phase)
+    wanted = "ct" if dataset == "lits" else "mri"
+    if build.modality != wanted:
+        raise ValueError(f"Expected {wanted.upper()} data for the {dataset} side. "
+                         f"Received: {source} ({layout} layout, {build.modality.upper()})")
     previous = _previous_build(out, BUILD_STATE)
     if previous is not None and previous.get("settings_hash") != build.settings_hash():
         changes = ", ".join(changed_settings(previous.get("settings", {}), build.to_dict(), ignore=RUN_ONLY))

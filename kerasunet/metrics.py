@@ -48,8 +48,9 @@ class ChannelOverlap(keras.metrics.Metric):
 
 def ratio_or_one(numerator, denominator):
     """``numerator / denominator``, or 1 when both masks were empty (denominator 0)."""
-    safe = ops.where(denominator > 0, denominator, ops.ones_like(denominator))
-    return ops.where(denominator > 0, numerator / safe, ops.ones_like(numerator))
+    one = ops.ones_like(denominator)  # not ones_like(numerator): a metric Variable under JAX has no dtype for it
+    safe = ops.where(denominator > 0, denominator, one)
+    return ops.where(denominator > 0, numerator / safe, one)
 
 
 @keras.saving.register_keras_serializable(package="kerasunet")

@@ -25,8 +25,13 @@ Output naming for a folder input (``predict_path``):
 
 * LiTS layout ``volume-N.nii[.gz]`` -> ``OUT/segmentation-N.nii[.gz]`` (same suffix), the
   LiTS submission name; probabilities ``OUT/probabilities-N.nii.gz``.
-* MRI layout ``CASE/<phase>.nii[.gz]`` -> ``OUT/CASE/prediction.nii.gz``; probabilities
+* MRI (FZMC) layout ``CASE/<phase>.nii[.gz]`` -> ``OUT/CASE/prediction.nii.gz``; probabilities
   ``OUT/CASE/probabilities.nii.gz``.
+* The other layouts (``kerasunet.core.cases.LAYOUTS``: msd, nnunet, atlas, ircadb, dicom) ->
+  the name of the case's label file (``OUT/liver_3.nii.gz``, ``OUT/lb3.nii.gz``) or
+  ``OUT/CASE.nii.gz``; probabilities ``OUT/CASE_probabilities.nii.gz``. A DICOM series is
+  written as NIfTI in the series' own world geometry; a folder holding one series may be
+  given a ``.nii[.gz]`` output file.
 
 A single file is written to ``OUTPUT`` when that ends in ``.nii``/``.nii.gz``, else into the
 folder ``OUTPUT`` under the name above (``volume-N`` -> ``segmentation-N``, any other stem
@@ -45,7 +50,8 @@ from typing import Callable
 import numpy as np
 
 from kerasunet.core.labels import OUTPUTS, labels_from_probabilities_np
-from kerasunet.core.cases import find_cases, load_image
+from kerasunet.core.cases import load_image, mask_path, open_dataset
+from kerasunet.core.dicom import holds_dicom
 from kerasunet.core.nifti import Volume, VolumeError, is_nifti, save_like, strip_nifti_suffix
 from kerasunet.postprocess import PostprocessSettings, postprocess
 from kerasunet.core.preprocessing import case_stats, normalize_np
@@ -54,6 +60,7 @@ from kerasunet.core.stacking import stack_slices
 
 # (flip height, flip width) for test-time augmentation; each is its own inverse.
 TTA_FLIPS = ((False, False), (True, False), (False, True), (True, True))
+ENGINES = ("keras", "onnx")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,11 @@ class PredictSettings:
         postprocess: the post-processing rules (``PostprocessSettings(enabled=False)`` skips them).
         save_probabilities: also write the float32 probability maps.
         phase: MRI image file stem inside each case folder (folder inputs).
+        layout: the folder input's layout (``kerasunet.core.cases.LAYOUTS``); None detects it.
+        series: SeriesInstanceUID to read from DICOM folders that hold several series.
+        engine: what runs a local model (``ENGINES``): ``keras`` (the run's ``.keras`` model) or
+            ``onnx`` (its ``model.onnx`` under onnxruntime, with no TensorFlow import;
+            ``kerasunet.onnx_engine``). Preprocessing and labels are the same numpy code for both.
     """
 
     batch_size: int = 16
@@ -75,8 +87,13 @@ class PredictSettings:
     postprocess: PostprocessSettings = field(default_factory=PostprocessSettings)
     save_probabilities: bool = False
     phase: str = "artery"
+    layout: str | None = None
+    series: str | None = None
+    engine: str = "keras"
 
     def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"Expected engine in {ENGINES}. Received: engine={self.engine!r}")
         if self.batch_size < 1:
             raise ValueError(f"Expected batch_size >= 1. Received: batch_size={self.batch_size}")
         if not 0 < self.threshold < 1:
@@ -91,6 +108,7 @@ class Job:
     image: Path
     output: Path
     probabilities: Path | None = None
+    series: str | None = None
 
 
 @dataclass
@@ -101,12 +119,19 @@ class PredictResult:
     failures: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def load_predictor(model) -> tuple[object, RunInfo]:
+def load_predictor(model, engine: str = "keras") -> tuple[object, RunInfo]:
     """Loads a model from a run folder, a ``.keras`` file or a ``RunInfo`` and checks it.
+
+    With ``engine="onnx"``, ``model`` is a ``model.onnx``, a folder holding one, or an export
+    folder ``saved_models/NAME`` (``onnx_engine.find_onnx``); nothing imports TensorFlow.
 
     Raises:
         RunError: not a kerasunet model, or the model does not match its config.
     """
+    if engine == "onnx":
+        from kerasunet.onnx_engine import load_onnx_predictor
+
+        return load_onnx_predictor(model)
     info = model if isinstance(model, RunInfo) else resolve_run(model)
     return load_model(info), info
 
@@ -129,11 +154,24 @@ def slice_batch(slices: np.ndarray, indices: np.ndarray, context: int, padded_hw
 
 
 def resize(batch: np.ndarray, size) -> np.ndarray:
-    """Bilinear resize of ``(B, H, W, C)`` to ``size``, the reader's ``tf.image.resize`` (no antialias)."""
-    from keras import ops
+    """Bilinear resize of ``(B, H, W, C)`` to ``size``, the reader's ``tf.image.resize`` (no antialias).
 
-    return np.asarray(ops.image.resize(batch, tuple(size), interpolation="bilinear", antialias=False),
-                      dtype=np.float32)
+    In numpy, so the ONNX engine needs no TensorFlow, with TensorFlow's float32 arithmetic:
+    half-pixel centres (source coordinate ``(i + 0.5) * old / new - 0.5``), clamped at the
+    edges, one axis after the other.
+    """
+    out = np.asarray(batch, np.float32)
+    for axis, new in ((1, int(size[0])), (2, int(size[1]))):
+        old = out.shape[axis]
+        if new == old:
+            continue
+        source = (np.arange(new, dtype=np.float32) + np.float32(0.5)) * np.float32(old / new) - np.float32(0.5)
+        low = np.clip(np.floor(source), 0, old - 1).astype(int)
+        high = np.clip(np.ceil(source), 0, old - 1).astype(int)
+        weight = (source - np.floor(source)).reshape([-1 if a == axis else 1 for a in range(4)])
+        top = np.take(out, low, axis)
+        out = top + (np.take(out, high, axis) - top) * weight
+    return out
 
 
 def model_probabilities(model, batch: np.ndarray, tta: bool, batch_size: int) -> np.ndarray:
@@ -252,12 +290,16 @@ def probability_path(mask_path: Path) -> Path:
     return mask_path.with_name(stem + ".nii.gz")
 
 
-def plan_jobs(input_path, output_path, phase: str = "artery", probabilities: bool = False) -> list[Job]:
+def plan_jobs(input_path, output_path, phase: str = "artery", probabilities: bool = False,
+              layout: str | None = None, series: str | None = None) -> list[Job]:
     """Lists the volumes under ``input_path`` and their output paths (module docstring rules).
+
+    A folder is read in ``layout`` (detected when None); its label-only cases are left out.
+    A folder holding one DICOM series is one volume, and may have a NIfTI file as output.
 
     Raises:
         VolumeError: the input is missing, not NIfTI, or a folder without cases, or a folder
-            input is given a NIfTI file name as output.
+            input of several volumes is given a NIfTI file name as output.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if input_path.is_file():
@@ -266,15 +308,19 @@ def plan_jobs(input_path, output_path, phase: str = "artery", probabilities: boo
         target = output_path if is_nifti(output_path) else output_path / output_name(input_path)
         jobs = [Job(strip_nifti_suffix(input_path.name), input_path, target)]
     elif input_path.is_dir():
-        if is_nifti(output_path):
-            raise VolumeError(f"{output_path}: the input is a folder, so the output must be a folder")
-        layout, cases = find_cases(input_path, phase)
-        jobs = [Job(c.case_id, c.image, output_path / output_name(c.image) if layout == "lits"
-                    else output_path / c.case_id / "prediction.nii.gz") for c in cases]
+        one_file = f"{output_path}: the input is a folder, so the output must be a folder"
+        if is_nifti(output_path) and not holds_dicom(input_path):
+            raise VolumeError(one_file)
+        dataset = open_dataset(input_path, layout, phase, series)
+        cases = [c for c in dataset.cases if Path(c.image).exists()]
+        if is_nifti(output_path) and [Path(c.image) for c in cases] != [input_path]:
+            raise VolumeError(one_file)
+        jobs = [Job(c.case_id, c.image, output_path if is_nifti(output_path) else
+                    output_path / mask_path(dataset.layout, c), series=c.series) for c in cases]
     else:
         raise VolumeError(f"{input_path}: file or folder not found")
     if probabilities:
-        jobs = [Job(j.case_id, j.image, j.output, probability_path(j.output)) for j in jobs]
+        jobs = [Job(j.case_id, j.image, j.output, probability_path(j.output), j.series) for j in jobs]
     return jobs
 
 
@@ -308,7 +354,8 @@ def predict_path(model, input_path, output_path, settings: PredictSettings = Pre
     """Segments a NIfTI file or every volume of a folder (either layout) with a local model.
 
     Args:
-        model: a run folder, a ``.keras`` file (config.json beside it) or a ``RunInfo``.
+        model: a run folder, a ``.keras`` file (config.json beside it) or a ``RunInfo``; with
+            ``settings.engine="onnx"`` a ``model.onnx`` or a folder holding one.
         input_path: a ``.nii``/``.nii.gz`` file or a folder in the LiTS or MRI layout.
         output_path: a mask file (single input) or a folder; see the module docstring.
         settings: how to segment.
@@ -321,42 +368,56 @@ def predict_path(model, input_path, output_path, settings: PredictSettings = Pre
         RunError: the model is missing, not a kerasunet model, or mismatches its config.
         VolumeError: the input path itself is unusable (missing, no cases).
     """
-    jobs = plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities)
-    net, info = load_predictor(model)
+    jobs = plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities, settings.layout,
+                     settings.series)
+    net, info = load_predictor(model, settings.engine)
     return run_jobs(jobs, _segment_job(lambda volume: predict_volume(net, info, volume, settings)), progress)
 
 
 def predict_path_served(server: str, model_name: str, input_path, output_path,
                         settings: PredictSettings = PredictSettings(), version: int | None = None,
-                        timeout: float = 60.0, progress: Callable[[str], None] = print) -> PredictResult:
+                        timeout: float = 60.0, progress: Callable[[str], None] = print, *,
+                        label: str | None = None, modality: str | None = None,
+                        max_message_bytes: int | None = None) -> PredictResult:
     """Like :func:`predict_path`, but each volume is segmented by a TF Serving model.
 
     The masks equal :func:`predict_path`'s for the same model and settings: the threshold and
     post-processing run here on the served probabilities (:func:`predict_volume_served`).
+    Before any volume is sent the served signature is checked (``serving_client.fetch_model``):
+    a model of another modality than the input is refused in one line.
 
     Args:
-        server: e.g. ``http://localhost:8501`` (the REST port).
+        server: ``http://HOST:8501`` (REST) or ``grpc://HOST:8500`` (gRPC).
         model_name: the served model's name (``saved_models/NAME``).
         input_path: a ``.nii``/``.nii.gz`` file or a folder in the LiTS or MRI layout.
         output_path: a mask file (single input) or a folder; see the module docstring.
         settings: as for :func:`predict_path`, with ``tta`` False.
-        version: a specific version; default the server's latest.
+        version: a specific version; default the server's latest (or ``label``'s).
         timeout: seconds to wait for each answer.
         progress: receives one line per volume.
+        label: a version label (``stable``, ``canary``) instead of ``version``.
+        modality: the input's modality; default the folder layout's (LiTS CT, MRI layout
+            MRI), none for a single file (then any served modality is accepted).
+        max_message_bytes: gRPC only: the largest request or answer (default 4 MiB).
 
     Raises:
-        ValueError: ``settings.tta`` is True.
-        ServingError: the server cannot be reached or does not serve the model (a failure
-            while segmenting one volume fails only that volume).
+        ValueError: ``settings.tta`` is True, or both ``version`` and ``label``.
+        ServingError: the server cannot be reached or does not serve the model, or serves
+            one of another modality (a failure while segmenting one volume fails only that
+            volume).
         VolumeError: the input path itself is unusable (missing, no cases).
     """
     from kerasunet.serving_client import ServingError, fetch_model
 
     _check_servable(settings)
-    jobs = plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities)
-    served = fetch_model(server, model_name, version, timeout=timeout)
-    return run_jobs(jobs, _segment_job(lambda volume: predict_volume_served(served, volume, settings, timeout)),
-                    progress, errors=(VolumeError, OSError, ServingError))
+    jobs = plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities, settings.layout,
+                     settings.series)
+    if modality is None and Path(input_path).is_dir():
+        modality = open_dataset(input_path, settings.layout, settings.phase, settings.series).modality
+    with fetch_model(server, model_name, version, timeout=timeout, label=label, modality=modality,
+                     max_message_bytes=max_message_bytes) as served:
+        return run_jobs(jobs, _segment_job(lambda volume: predict_volume_served(served, volume, settings, timeout)),
+                        progress, errors=(VolumeError, OSError, ServingError))
 
 
 def _check_servable(settings: PredictSettings) -> None:
@@ -368,7 +429,7 @@ def _segment_job(segment: Callable[[Volume], tuple[np.ndarray, np.ndarray]]) -> 
     """A ``run_jobs`` step: read the job's volume, ``segment`` it, write its mask (and probabilities)."""
 
     def predict_one(job: Job) -> str:
-        volume = load_image(job.image)
+        volume = load_image(job.image, job.series)
         labels, probs = segment(volume)
         save_like(labels, volume, job.output, dtype=np.uint8)
         if job.probabilities is not None:

@@ -10,6 +10,7 @@ so a checkpoint never runs ahead of them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from kerasunet.core.atomic import atomic_path, write_csv, write_json
@@ -74,9 +75,13 @@ def check_run_dir(run_dir: Path, settings: TrainSettings, manifest_sha: str) -> 
 
 
 def previous_rows(run_dir: Path, epochs: int) -> tuple[list[dict], list[dict]]:
-    """The history and timing rows of the first ``epochs`` epochs of a run (for a resume)."""
-    return ([r for r in read_history(run_dir / HISTORY_FILE) if r["epoch"] <= epochs],
-            [r for r in read_history(run_dir / TIMING_FILE) if r["epoch"] <= epochs])
+    """The history and timing rows of the first ``epochs`` epochs of a run (for a resume).
+
+    ``best`` (1 where the epoch wrote ``best.keras``) is read back as the int it was written as.
+    """
+    history = [{**r, **({"best": int(r["best"])} if r.get("best", math.nan) == r.get("best") else {})}
+               for r in read_history(run_dir / HISTORY_FILE) if r["epoch"] <= epochs]
+    return history, [r for r in read_history(run_dir / TIMING_FILE) if r["epoch"] <= epochs]
 
 
 class RunWriter:
@@ -124,7 +129,7 @@ class RunWriter:
             self._writers = {name: tf.summary.create_file_writer(str(self.folder / LOGS_DIR / name))
                              for name in ("train", "validation")}
         for key, value in row.items():
-            if key == "epoch":
+            if key in ("epoch", "best"):
                 continue
             name, tag = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
             with self._writers[name].as_default():

@@ -17,12 +17,17 @@ the loss's ``batch_sums``/``from_sums`` directly.
 BatchNorm normalises with each replica's local batch, as Keras does by default; only that
 differs from one device. Its moving statistics are set to their mean over replicas once an
 epoch (:func:`make_sync_step`).
+
+The reader delivers uint8 label maps (``kerasunet.data``); each step expands them into the
+float32 multi-label targets of the modality on its own device (``data.targets_from_labels``),
+so the input pipeline moves a quarter of the bytes of one float32 channel per pixel.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from kerasunet.data import targets_from_labels
 from kerasunet.losses import as_float
 
 
@@ -45,7 +50,7 @@ def global_batch_loss(loss_fn, y_true, y_pred):
     return loss_fn.from_sums(sums)
 
 
-def make_train_step(model, optimizer, loss_fn, metrics, strategy):
+def make_train_step(model, optimizer, loss_fn, metrics, strategy, modality: str):
     """A training step: one global batch from a distributed iterator, one optimiser update.
 
     Args:
@@ -55,14 +60,17 @@ def make_train_step(model, optimizer, loss_fn, metrics, strategy):
         loss_fn: A :class:`kerasunet.losses.BatchSumsLoss`.
         metrics: Keras metrics updated with each replica's targets and predictions.
         strategy: The ``tf.distribute`` strategy.
+        modality: ``ct`` or ``mri``: how the batches' uint8 label maps become targets.
 
     Returns:
         A ``tf.function`` taking an iterator over ``strategy.experimental_distribute_dataset``
-        and returning the global batch's loss (plus any regularisation losses of the model).
+        of ``(image, labels)`` batches and returning the global batch's loss (plus any
+        regularisation losses of the model).
     """
     replicas = strategy.num_replicas_in_sync
 
-    def replica_step(x, y):
+    def replica_step(x, labels):
+        y = targets_from_labels(labels, modality)
         with tf.GradientTape() as tape:
             pred = model(x, training=True)
             loss = global_batch_loss(loss_fn, y, pred)
@@ -85,17 +93,19 @@ def make_train_step(model, optimizer, loss_fn, metrics, strategy):
     return step
 
 
-def make_val_step(model, loss_fn, metrics):
+def make_val_step(model, loss_fn, metrics, modality: str):
     """A validation step on the default device, outside ``strategy.run``.
 
     Returns:
-        A ``tf.function`` ``(x, y) -> (loss · batch size, batch size)``; summing both over
-        the split and dividing gives the mean of the per-batch losses, each batch weighted
-        by its size (the same per-batch reduction as training, Dice included).
+        A ``tf.function`` ``(x, labels) -> (loss · batch size, batch size)`` of an
+        ``(image, uint8 label map)`` batch; summing both over the split and dividing gives the
+        mean of the per-batch losses, each batch weighted by its size (the same per-batch
+        reduction as training, Dice included).
     """
 
     @tf.function
-    def step(x, y):
+    def step(x, labels):
+        y = targets_from_labels(labels, modality)
         pred = model(x, training=False)
         for metric in metrics:
             metric.update_state(y, pred)

@@ -27,10 +27,16 @@ The run folder is described in :mod:`kerasunet.core.runs` and written by
 ``--resume`` on an empty folder starts a new run (so job scripts may always pass it). A
 resumed run must have the settings of its config.json (``--epochs`` may be raised; with the
 cosine schedule the decay then spans the new total). It restores model, optimiser
-(iterations, moments, loss scale, learning rate), epoch, best validation loss and plateau
+(iterations, moments, loss scale, learning rate), epoch, best monitored value and plateau
 counter from the newest checkpoint and keeps the history rows up to that epoch. Random
 seeds are reset to ``seed + completed_epochs`` on resume: a resumed run is reproducible, but
 it does not draw the same batches and dropout masks as an uninterrupted run would have.
+
+Model selection (``--monitor``): ``best.keras`` is the epoch with the highest mean validation
+Dice over the output channels (``dice``, the default: CT liver and tumour, MRI tumour) or the
+lowest validation loss (``loss``, the research's rule). history.csv records ``val_dice`` and
+marks the epochs that wrote ``best.keras`` (``best`` = 1); config.json's ``train.monitor``
+names the rule. The plateau schedule watches the same number.
 
 A shard that goes missing or is cut short while training reads it stops the run with one
 line naming the shard; the checkpoint of the last finished epoch is kept.
@@ -228,7 +234,7 @@ def make_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: 
     """The training iterator (distributed, repeated, seeded by epoch) and validation batches.
 
     Raises:
-        TrainError: the records cannot serve this run (e.g. targets of another modality).
+        TrainError: the records cannot serve this run (e.g. oversampling a split without tumour).
     """
     from kerasunet import data
     from kerasunet.augment import AugmentSettings
@@ -247,10 +253,6 @@ def make_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: 
         raise TrainError(str(exc)) from None
     train_ds = train_ds.with_options(shard_options(len(splits["train"]["shards"])))
     channels = int(train_ds.element_spec[0].shape[-1])
-    targets = int(train_ds.element_spec[1].shape[-1])
-    if targets != len(output_names):
-        raise TrainError(f"{s.records}: targets have {targets} channels; {manifest['modality']} "
-                         f"models have {len(output_names)} ({', '.join(output_names)})")
     val = None
     if (splits.get("val") or {}).get("num_examples", 0) > 0:
         val = data.get_dataset(s.records, "val", s.batch_size, training=False, **shape)
@@ -332,8 +334,10 @@ def run(settings: TrainSettings, strategy, manifest: dict, manifest_sha: str, ru
     keras.utils.set_random_seed(settings.seed + start_epoch)
     inputs = make_inputs(settings, manifest, strategy, start_epoch)
     state = build_state(settings, strategy, inputs)
-    steps = Steps(make_train_step(state.model, state.optimizer, state.loss_fn, state.train_metrics, strategy),
-                  make_val_step(state.model, state.loss_fn, state.val_metrics),
+    modality = manifest["modality"]  # the steps expand the reader's uint8 label maps into its targets
+    steps = Steps(make_train_step(state.model, state.optimizer, state.loss_fn, state.train_metrics, strategy,
+                                  modality),
+                  make_val_step(state.model, state.loss_fn, state.val_metrics, modality),
                   make_sync_step(state.model, strategy))
     writer = RunWriter(write_dir)
     if resume_from is not None:
@@ -400,11 +404,14 @@ def end_epoch(settings, state: State, writer, row: dict, seconds: float, has_val
     from kerasunet.schedule import apply_plateau, current_lr
 
     row["lr"] = current_lr(state.optimizer)
-    monitor = row.get("val_loss", row["loss"])
-    improved = monitor < float(state.best.numpy())  # False for NaN
+    if has_val:
+        row["val_dice"] = mean_val_dice(row)
+    score = monitored(row, settings.monitor)
+    improved = score < float(state.best.numpy())  # False for NaN
     if improved:
-        state.best.assign(monitor)
-    if improved or not has_val:  # without validation, best.keras is the last epoch
+        state.best.assign(score)
+    row["best"] = int(improved or not has_val)
+    if row["best"]:  # without validation, best.keras is the last epoch
         writer.save_model(state.model, state.export_model)
     state.epoch.assign(row["epoch"])
     if settings.schedule == "plateau":
@@ -412,9 +419,29 @@ def end_epoch(settings, state: State, writer, row: dict, seconds: float, has_val
         if lowered is not None:
             progress(f"plateau: learning rate now {lowered:.3g}")
     writer.end_epoch(row, seconds)
-    shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+    shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "best"))
     progress(f"epoch {row['epoch']}/{settings.epochs} done in {seconds:.1f}s: {shown}"
              + (" (best so far)" if improved else ""))
+
+
+def mean_val_dice(row: dict) -> float:
+    """The mean validation Dice over the output channels (``val_dice_<name>`` entries of ``row``)."""
+    values = [v for k, v in row.items() if k.startswith("val_dice_")]
+    return sum(values) / len(values)
+
+
+def monitored(row: dict, monitor: str) -> float:
+    """The number ``best.keras`` minimises for ``monitor`` in an epoch's history ``row``.
+
+    ``dice``: minus the mean validation Dice over the output channels (``val_dice``), so the
+    best model has the highest Dice; CT weighs liver and tumour equally, so the liver (high and
+    steady once learnt) guards against an epoch that finds tumours by losing the liver, and the
+    tumour decides among the rest. ``loss``: the validation loss. Without a validation split
+    both fall back to the training loss (and ``best.keras`` is then the last epoch).
+    """
+    if "val_loss" not in row:
+        return row["loss"]
+    return -row["val_dice"] if monitor == "dice" else row["val_loss"]
 
 
 def kept_checkpoint(manager) -> str:

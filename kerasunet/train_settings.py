@@ -5,13 +5,33 @@ TensorFlow-free, so the CLI can build and check settings before TensorFlow start
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from kerasunet.core.choices import LOSSES, MODES, PRECISIONS, SCHEDULES
+from kerasunet.core.records_format import MANIFEST_FILE
 
 # Settings that do not describe the run itself: where it is written, whether to resume, and
 # the records path (a moved records folder is the same data; resume compares the manifest's hash).
 NOT_COMPARED_ON_RESUME = ("out", "resume", "records")
+
+MONITORS = ("dice", "loss")
+"""What picks ``best.keras``: the highest mean validation Dice over the output channels
+(CT: liver and tumour, MRI: tumour), or the lowest validation loss."""
+
+PRESETS = {
+    # The research's settings (Wang & Tang; Chlebus et al.'s network): Adam 1e-4, batch 10,
+    # 5 epochs, BCE on CT; Adam 5e-4, batch 18, 8 epochs on MRI; no augmentation, no
+    # oversampling, dropout 0.5, the model of the lowest validation loss.
+    "paper": {
+        "ct": dict(epochs=5, batch_size=10, lr=1e-4),
+        "mri": dict(epochs=8, batch_size=18, lr=5e-4),
+        "both": dict(loss="bce", filters=32, depth=4, dropout=0.5, schedule="none", augment=False,
+                     oversample_tumour=0.0, monitor="loss"),
+    },
+}
+"""Named sets of settings (``--preset``); per modality, plus the values both share."""
 
 
 class TrainError(ValueError):
@@ -22,6 +42,10 @@ class TrainError(ValueError):
 class TrainSettings:
     """Everything ``kerasunet train`` needs; each field is one command-line option.
 
+    The defaults are the best settings measured on a small data set (10 CT cases; the runs
+    are in docs/quality.md): Adam 1e-3 with a cosine decay over 30 epochs, no dropout, and
+    ``best.keras`` chosen by validation Dice. ``--preset paper`` gives the research's.
+
     Attributes:
         records: Records folder written by ``kerasunet build-records``.
         out: Run folder to write (see :mod:`kerasunet.core.runs`).
@@ -29,20 +53,25 @@ class TrainSettings:
         pretrained: Run folder or ``.keras`` file for ``init``/``freeze``.
         epochs: Total epochs (a resumed run continues up to this number).
         batch_size: Global batch size (split over replicas).
-        lr: Adam learning rate (the research: 1e-4 on CT, 5e-4 on MRI).
+        lr: Adam learning rate, the schedule's start (the research: 1e-4 on CT, 5e-4 on MRI,
+            for 131 CT cases; 1e-4 learns too slowly on small sets, docs/quality.md).
         loss: One of :data:`kerasunet.core.choices.LOSSES`.
         filters, depth, dropout: U-Net architecture (:func:`kerasunet.model.build_unet`).
         image_size: ``(height, width)`` to resize/crop to; None pads the records' own size
             to a multiple of ``2**depth``.
         freeze_blocks: Encoder blocks frozen in ``freeze`` mode.
         schedule: ``none``, ``cosine`` (decay to 0 over the run) or ``plateau`` (halve the
-            learning rate after 2 epochs without a lower validation loss; training loss
-            when the records have no validation split).
+            learning rate after 2 epochs without improvement of the ``monitor``; of the
+            training loss when the records have no validation split).
         mixed_precision: ``auto``, ``on`` or ``off``.
         augment: Random augmentation of training slices.
         oversample_tumour: Share of training slices drawn from slices with tumour.
         steps_per_epoch: Training steps per epoch; None is one pass over the train split.
         seed: Seed for weights, data order, augmentation and dropout.
+        monitor: One of :data:`MONITORS`; what picks ``best.keras`` (and what the plateau
+            schedule watches).
+        preset: The :data:`PRESETS` entry these settings started from, or None (recorded in
+            config.json; :func:`settings_from_options` applies it).
         resume: Continue the run in ``out`` from its newest checkpoint.
     """
 
@@ -50,26 +79,29 @@ class TrainSettings:
     out: str
     mode: str = "scratch"
     pretrained: str | None = None
-    epochs: int = 5
+    epochs: int = 30
     batch_size: int = 10
-    lr: float = 1e-4
+    lr: float = 1e-3
     loss: str = "bce_dice"
     filters: int = 32
     depth: int = 4
-    dropout: float = 0.5
+    dropout: float = 0.0
     image_size: tuple[int, int] | None = None
     freeze_blocks: int = 2
-    schedule: str = "none"
+    schedule: str = "cosine"
     mixed_precision: str = "auto"
     augment: bool = True
     oversample_tumour: float = 0.33
     steps_per_epoch: int | None = None
     seed: int = 0
+    monitor: str = "dice"
+    preset: str | None = None
     resume: bool = False
 
     def __post_init__(self):
         for name, allowed in (("mode", MODES), ("loss", LOSSES), ("schedule", SCHEDULES),
-                              ("mixed_precision", PRECISIONS)):
+                              ("mixed_precision", PRECISIONS), ("monitor", MONITORS),
+                              ("preset", (None, *PRESETS))):
             _check(getattr(self, name) in allowed, f"{name} in {allowed}", name, getattr(self, name))
         if self.mode != "scratch" and not self.pretrained:
             raise TrainError(f"--mode {self.mode} needs --pretrained (a CT run folder or .keras file)")
@@ -100,6 +132,57 @@ class TrainSettings:
 def _check(ok: bool, expected: str, name: str, value) -> None:
     if not ok:
         raise TrainError(f"Expected {expected}. Received: {name}={value!r}")
+
+
+def preset_values(name: str, modality: str) -> dict:
+    """The settings of preset ``name`` for records of ``modality`` (``"ct"`` or ``"mri"``).
+
+    Raises:
+        TrainError: an unknown preset or modality.
+    """
+    _check(name in PRESETS, f"preset in {tuple(PRESETS)}", "preset", name)
+    _check(modality in PRESETS[name], f"modality in {tuple(k for k in PRESETS[name] if k != 'both')}",
+           "modality", modality)
+    return {**PRESETS[name]["both"], **PRESETS[name][modality], "preset": name}
+
+
+def records_modality(records) -> str:
+    """The modality in a records folder's manifest (read without TensorFlow).
+
+    Raises:
+        TrainError: no readable manifest with a modality.
+    """
+    path = Path(records) / MANIFEST_FILE
+    try:
+        modality = json.loads(path.read_text())["modality"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainError(f"{path}: cannot read the records' modality for --preset "
+                         f"({type(exc).__name__}: {exc})") from None
+    return modality
+
+
+def settings_from_options(options: dict, given=None) -> TrainSettings:
+    """The settings of a ``train`` command line: a preset's values, then the options given.
+
+    Args:
+        options: Every :class:`TrainSettings` field by name (click passes all of them, with
+            defaults for the options not on the command line).
+        given: Names of the options the user gave; None counts all as given. Options not
+            given take the preset's value where the preset has one.
+
+    Returns:
+        The settings; ``preset`` records the preset's name.
+
+    Raises:
+        TrainError: an unknown preset, unreadable records, or a bad setting.
+    """
+    given = set(options) if given is None else set(given)
+    preset = options.get("preset")
+    values = dict(options)
+    if preset is not None:
+        defaults = preset_values(preset, records_modality(options["records"]))
+        values |= {k: v for k, v in defaults.items() if k not in given}
+    return TrainSettings(**values)
 
 
 def option_text(name: str, value) -> str:

@@ -76,8 +76,8 @@ def test_no_cases_is_one_line(tmp_path, ct_run):
     empty.mkdir()
     result = invoke("evaluate", "--model", ct_run, "--input", empty, "--out", tmp_path / "r")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
-    assert result.output == (f"Error: {empty}: no cases found (expected volume-N.nii[.gz] files or case folders "
-                             "holding artery.nii[.gz])\n")
+    assert result.output.startswith(f"Error: {empty}: no cases found (looked for atlas: imagesTr/imN.nii.gz")
+    assert "; fzmc: case folders holding artery.nii[.gz];" in result.output and result.output.count("\n") == 1
 
 
 def test_subprocess_missing_model_is_one_line_on_stderr(tmp_path):

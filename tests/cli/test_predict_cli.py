@@ -1,6 +1,7 @@
 """CLI tests of ``kerasunet predict`` (click CliRunner, and one real subprocess)."""
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from tests.helpers import (LPS, ServingDouble, assert_one_line_error, ct_phantom, expected_ct_labels, run_cli,
-                           threshold_model, write_run)
+from tests.helpers import (LPS, GrpcServingDouble, ServingDouble, assert_one_line_error, ct_phantom,
+                           expected_ct_labels, free_port, run_cli, threshold_model, write_run)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,11 @@ def test_bad_file_gives_one_error_line_and_the_others_are_written(tmp_path, ct_r
     (["--model", "RUN", "--timeout", "5"], "Error: --model-name/--model-version/--timeout only apply with --server"),
     (["--server", "http://localhost:8501", "--model-name", "m", "--tta"],
      "Error: --tta needs a local --model: the served graph has no flips"),
+    (["--model", "RUN", "--model-label", "stable"], "Error: --model-label only applies with --server"),
+    (["--server", "grpc://localhost:8500", "--model-name", "m", "--model-version", "2", "--model-label", "stable"],
+     "Error: --model-version and --model-label are mutually exclusive: a label names a version"),
+    (["--server", "http://localhost:8501", "--model-name", "m", "--grpc-max-message-mb", "8"],
+     "Error: --grpc-max-message-mb only applies with --server grpc://HOST:PORT"),
 ])
 def test_model_source_usage_errors(tmp_path, ct_run, args, message):
     args = [str(ct_run) if a == "RUN" else a for a in args]
@@ -111,6 +117,39 @@ def test_served_and_local_masks_are_equal(tmp_path, ct_run):
                                for d in (tmp_path / "local", tmp_path / "served"))
     assert not local_mask[34:38, 10:14, 2:4].any() and (local_mask[4:7, 3:6, 2:4] == 2).all()
     np.testing.assert_array_equal(served_mask, local_mask)
+
+
+def test_grpc_served_canary_and_local_masks_are_equal(tmp_path, ct_run):
+    from kerasunet.export import export_model
+
+    hu = ct_phantom((40, 16, 6))
+    hu[34:38, 10:14, 2:4] = 100.0  # a second "liver" that post-processing drops, on the client
+    nib.save(nib.Nifti1Image(hu, LPS), str(tmp_path / "volume-4.nii.gz"))
+    export_model(ct_run, tmp_path / "saved_models" / "liver")
+    export_model(ct_run, tmp_path / "saved_models" / "liver", label="canary")
+    options = ["--input", tmp_path / "volume-4.nii.gz", "--batch-size", "4", "--threshold", "0.6"]
+    local = invoke("predict", "--model", ct_run, *options, "--output", tmp_path / "local")
+    with GrpcServingDouble(tmp_path / "saved_models" / "liver") as double:
+        served = invoke("predict", "--server", double.url, "--model-name", "liver", "--model-label", "canary",
+                        "--grpc-max-message-mb", "1", "--timeout", "30", *options, "--output", tmp_path / "served")
+        calls = [(method, request.model_spec.version_label) for method, request in double.requests]
+        batches = [request.inputs["image"].tensor_shape.dim[0].size for m, request in double.requests if m == "Predict"]
+    assert local.exit_code == 0 and served.exit_code == 0, served.output
+    assert calls == [("GetModelMetadata", "canary")] + [("Predict", "canary")] * 2 and batches == [4, 2]
+    local_mask, served_mask = (np.asarray(nib.load(str(d / "segmentation-4.nii.gz")).dataobj)
+                               for d in (tmp_path / "local", tmp_path / "served"))
+    assert not local_mask[34:38, 10:14, 2:4].any() and (local_mask[4:7, 3:6, 2:4] == 2).all()
+    np.testing.assert_array_equal(served_mask, local_mask)
+
+
+def test_subprocess_grpc_server_not_up_is_one_line_on_stderr(tmp_path):
+    nib.save(nib.Nifti1Image(ct_phantom(), np.eye(4)), str(tmp_path / "v.nii"))
+    address = f"grpc://127.0.0.1:{free_port()}"
+    proc = run_cli("predict", "--server", address, "--model-name", "liver", "--model-label", "stable",
+                   "--timeout", "10", "--input", tmp_path / "v.nii", "--output", tmp_path / "m.nii")
+    assert_one_line_error(proc, rf"^Error: {re.escape(address)} liver label stable: GetModelMetadata: server not "
+                                r"reachable \(is it running, and is this its gRPC port\?\): UNAVAILABLE: ")
+    assert proc.returncode == 1 and not (tmp_path / "m.nii").exists()
 
 
 def test_unreachable_server_is_one_line(tmp_path):

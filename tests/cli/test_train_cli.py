@@ -97,7 +97,7 @@ def test_resume_with_another_learning_rate_names_it(records, tmp_path):
     sha = hashlib.sha256((records / "manifest.json").read_bytes()).hexdigest()
     (out / "config.json").write_text(json.dumps({"train": old.to_dict(), "data": {"manifest_sha256": sha}}))
     result = run("--records", records, "--out", out, "--resume", "--lr", "0.01", *TINY)
-    assert_one_line_error(result, f"{out}: cannot resume with lr=0.01; the run used lr=0.0001 (pass --lr 0.0001 "
+    assert_one_line_error(result, f"{out}: cannot resume with lr=0.01; the run used lr=0.001 (pass --lr 0.001 "
                                   "to continue it, or choose a new --out for a new run)")
 
 
@@ -116,3 +116,20 @@ def test_corrupt_config_on_resume_in_a_real_process_is_one_line(records, tmp_pat
     assert_one_line_stderr(proc, f"^Error: {re.escape(str(out / 'config.json'))}: unreadable run config "
                                  r"\(Expecting value: line 1 column 18 \(char 17\)\); restore it, or choose a "
                                  "new --out for a new run$")
+
+
+def test_preset_fills_the_options_not_given(records, tmp_path, monkeypatch):
+    import kerasunet.train
+
+    seen = []
+    monkeypatch.setattr(kerasunet.train, "train", lambda settings, progress: seen.append(settings) or settings.out)
+    result = run("--records", records, "--out", tmp_path / "run", "--preset", "paper", "--epochs", 3,
+                 "--batch-size", 10, "--monitor", "dice")
+    assert result.exit_code == 0, result.output
+    (settings,) = seen
+    # MRI records: the research's MRI settings, except what the command line says.
+    assert (settings.preset, settings.lr, settings.loss, settings.augment, settings.dropout) == (
+        "paper", 5e-4, "bce", False, 0.5)
+    assert (settings.epochs, settings.batch_size, settings.monitor) == (3, 10, "dice")
+    run("--records", records, "--out", tmp_path / "plain")
+    assert seen[1] == TrainSettings(records=str(records), out=str(tmp_path / "plain"))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kerasunet.metrics import ChannelDice, ChannelIoU, metrics_for
+from tests.helpers import tensorflow_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -120,6 +121,7 @@ MIRRORED = textwrap.dedent("""
 """)
 
 
+@tensorflow_only
 def test_metrics_under_mirrored_strategy():
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -50,8 +50,11 @@ def test_odd_in_plane_sizes_are_padded_and_cropped_back(tmp_path, ct_run, shape)
 
 
 def test_odd_sizes_run_through_a_real_unet(tmp_path):
+    import keras
+
     from kerasunet.model import build_unet
 
+    keras.utils.set_random_seed(0)  # an unseeded net can saturate a voxel to exactly 0 or 1
     run = write_run(tmp_path / "unet", build_unet((None, None, 3), 1, filters=4, depth=2), "mri", context=1)
     nib.save(nib.Nifti1Image(np.random.default_rng(2).normal(size=(37, 29, 4)).astype(np.float32), np.eye(4)),
              str(tmp_path / "v.nii.gz"))
@@ -233,3 +236,18 @@ def test_served_model_refuses_tta():
     with pytest.raises(ValueError, match=r"^Expected tta=False for a served model \(its graph has no flips\)\. "
                                          r"Received: tta=True$"):
         predict_path_served("http://127.0.0.1:1", "liver", "in.nii", "out.nii", PredictSettings(tta=True))
+
+
+@pytest.mark.parametrize("shape, size", [((2, 20, 30, 3), (32, 16)), ((1, 64, 64, 1), (48, 80)),
+                                         ((1, 7, 5, 2), (7, 13))])
+def test_resize_is_the_readers_tf_image_resize(shape, size):
+    # predict's numpy resize (no TensorFlow for the ONNX engine) must be the training reader's.
+    import tensorflow as tf
+
+    from kerasunet.predict import resize
+
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    expected = tf.image.resize(x, size, method="bilinear", antialias=False).numpy()
+    got = resize(x, size)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

@@ -35,6 +35,7 @@ import keras
 import tensorflow as tf
 from kerasunet import data, distribute
 from kerasunet.core.choices import LOSSES
+from kerasunet.core.labels import targets_from_labels_np
 from kerasunet.losses import get_loss
 from kerasunet.steps import make_train_step
 from kerasunet.train import TrainSettings, fit
@@ -43,10 +44,11 @@ records, out, result_path = sys.argv[1:4]
 NAMES, LR = ("liver", "tumour"), 0.5
 rng = np.random.default_rng(0)
 x = rng.normal(size=(4, 8, 8, 1)).astype("float32")
-y = np.zeros((4, 8, 8, 2), "float32")
-y[:, 1:6, 1:7, 0] = 1  # liver
-y[:2, 2:4, 2:4, 1] = 1  # tumour (inside the liver) on the first replica's examples only
-y[3, 4:6, 3:6, 1] = 1
+labels = np.zeros((4, 8, 8), "uint8")  # what the reader delivers; the step expands it
+labels[:, 1:6, 1:7] = 1  # liver
+labels[:2, 2:4, 2:4] = 2  # tumour (inside the liver) on the first replica's examples only
+labels[3, 4:6, 3:6] = 2
+y = targets_from_labels_np(labels, "ct")
 
 
 def tiny_model():
@@ -65,8 +67,8 @@ def distributed_step(strategy, name):
         model.set_weights(initial)
         optimizer = keras.optimizers.SGD(LR)
         optimizer.build(model.trainable_variables)
-    step = make_train_step(model, optimizer, get_loss(name, NAMES), [], strategy)
-    batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, y)))
+    step = make_train_step(model, optimizer, get_loss(name, NAMES), [], strategy, "ct")
+    batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, labels)))
     loss = float(step(iter(batches)))
     return {"loss": loss, "weights": [w.tolist() for w in model.get_weights()]}
 
@@ -98,7 +100,8 @@ for name in ("bce",):
                              lr=1e-9, loss=name, filters=4, depth=2, dropout=0.0, image_size=(32, 32),
                              augment=False, oversample_tumour=0.0, mixed_precision="off")
     result = fit(settings, progress=lines.append)
-    model, loss_fn, (bx, by) = result.model, get_loss(name, NAMES), batch
+    model, loss_fn = result.model, get_loss(name, NAMES)
+    bx, by = batch[0], targets_from_labels_np(batch[1].numpy(), "ct")
     val_reference = float(loss_fn(by, model(bx, training=False)))  # before training=True moves BatchNorm
     halves = tf.concat([model(bx[:2], training=True), model(bx[2:], training=True)], axis=0)
     history[name] = {"row": result.history[0], "train_reference": float(loss_fn(by, halves)),

@@ -5,6 +5,7 @@ Tiny sizes throughout (32x32 or the MRI phantoms' 48x40, filters 4, depth 2, a f
 
 import csv
 import json
+import math
 import re
 import shutil
 import struct
@@ -33,7 +34,7 @@ def mri_records(tiny_records):
 def learned(ct_records, tmp_path_factory):
     """A scratch CT run long enough to learn (6 epochs x 6 steps at 32x32)."""
     settings = TrainSettings(records=str(ct_records), out=str(tmp_path_factory.mktemp("runs") / "ct"),
-                             epochs=6, steps_per_epoch=6, lr=1e-2, image_size=(32, 32),
+                             epochs=6, steps_per_epoch=6, lr=1e-2, schedule="none", image_size=(32, 32),
                              **{**TINY, "batch_size": 8})
     lines = []
     return fit(settings, progress=lines.append), lines
@@ -87,22 +88,73 @@ def test_run_folder_holds_the_contract(learned, ct_records):
     assert info.modality == "ct" and load_model(info).output_shape == (None, None, None, 2)
 
 
-def test_best_model_is_the_lowest_validation_loss(learned, ct_records):
+@pytest.fixture(scope="module")
+def learned_by_loss(ct_records, tmp_path_factory):
+    """A short CT run whose best.keras is picked by validation loss (the research's rule)."""
+    settings = TrainSettings(records=str(ct_records), out=str(tmp_path_factory.mktemp("runs") / "ct"),
+                             epochs=4, steps_per_epoch=3, lr=1e-2, image_size=(32, 32), monitor="loss",
+                             **{**TINY, "batch_size": 8})
+    return fit(settings, progress=lambda line: None)
+
+
+def validation_scores(run_dir, ct_records):
+    """Loss and per-channel Dice of a run's best.keras on the validation split (run batch size)."""
+    from kerasunet.core.runs import load_model, resolve_run
+    from kerasunet.data import get_dataset, targets_from_labels
+    from kerasunet.losses import get_loss
+    from kerasunet.metrics import metrics_for
+
+    model = load_model(resolve_run(run_dir))
+    loss_fn, metrics = get_loss("bce_dice", ("liver", "tumour")), metrics_for(("liver", "tumour"))
+    total = count = 0.0
+    for x, labels in get_dataset(ct_records, "val", 8, training=False, image_size=(32, 32)):
+        y, pred = targets_from_labels(labels, "ct"), model(x, training=False)
+        total += float(loss_fn(y, pred)) * len(x)
+        count += len(x)
+        for metric in metrics:
+            metric.update_state(y, pred)
+    return total / count, {m.name: float(m.result()) for m in metrics if m.name.startswith("dice_")}
+
+
+def assert_best_marks_each_improvement(history, key, sign):
+    best = math.inf
+    for row in history:
+        assert row["best"] == int(sign * row[key] < best), row
+        best = min(best, sign * row[key])
+
+
+def test_best_model_has_the_highest_mean_validation_dice(learned, ct_records):
     import keras
 
-    from kerasunet.data import get_dataset
-    from kerasunet.losses import get_loss
-    from kerasunet.core.runs import load_model, resolve_run
-
-    history = learned[0].history
-    model = load_model(resolve_run(learned[0].run_dir))
-    loss_fn = get_loss("bce_dice", ("liver", "tumour"))
-    total = count = 0.0
-    for x, y in get_dataset(ct_records, "val", 8, training=False, image_size=(32, 32)):  # run batch size
-        total += float(loss_fn(y, model(x, training=False))) * len(x)
-        count += len(x)
-    assert total / count == pytest.approx(min(h["val_loss"] for h in history), rel=1e-4)
+    result = learned[0]
+    _, dice = validation_scores(result.run_dir, ct_records)
+    assert (dice["dice_liver"] + dice["dice_tumour"]) / 2 == pytest.approx(
+        max(h["val_dice"] for h in result.history), rel=1e-3)
+    assert all(h["val_dice"] == pytest.approx((h["val_dice_liver"] + h["val_dice_tumour"]) / 2)
+               for h in result.history)
+    assert_best_marks_each_improvement(result.history, "val_dice", -1)
+    assert [int(r["best"]) for r in read_csv(result.run_dir / "history.csv")] == [h["best"] for h in result.history]
+    assert json.loads((result.run_dir / "config.json").read_text())["train"]["monitor"] == "dice"
     assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_monitor_loss_keeps_the_lowest_validation_loss(learned_by_loss, ct_records):
+    loss, _ = validation_scores(learned_by_loss.run_dir, ct_records)
+    history = learned_by_loss.history
+    assert loss == pytest.approx(min(h["val_loss"] for h in history), rel=1e-4)
+    assert_best_marks_each_improvement(history, "val_loss", 1)
+    assert json.loads((learned_by_loss.run_dir / "config.json").read_text())["train"]["monitor"] == "loss"
+
+
+@pytest.mark.parametrize("row, monitor, expected", [
+    ({"loss": 0.5, "val_loss": 0.7, "val_dice": 0.4}, "dice", -0.4),
+    ({"loss": 0.5, "val_loss": 0.7, "val_dice": 0.4}, "loss", 0.7),
+    ({"loss": 0.5}, "dice", 0.5),  # no validation split: the training loss, best.keras the last epoch
+])
+def test_monitored_value_is_minimised(row, monitor, expected):
+    from kerasunet.train import monitored
+
+    assert monitored(row, monitor) == expected
 
 
 def test_tiny_model_learns_tiny_phantoms(learned):
@@ -246,6 +298,41 @@ def test_settings_are_checked(field, value, message):
         TrainSettings(records="r", out="o", depth=2, **{field: value})
 
 
+@pytest.mark.parametrize("dataset, expected", [
+    ("lits", dict(epochs=5, batch_size=10, lr=1e-4)),
+    ("mri", dict(epochs=8, batch_size=18, lr=5e-4)),
+])
+def test_paper_preset_is_the_research_settings_per_modality(tiny_records, dataset, expected):
+    from kerasunet.train_settings import settings_from_options
+
+    records = str(tiny_records(dataset))
+    options = {**TrainSettings(records=records, out="o").to_dict(), "image_size": None, "preset": "paper"}
+    settings = settings_from_options(options, given={"records", "out", "preset"})
+    research = dict(loss="bce", filters=32, depth=4, dropout=0.5, schedule="none", augment=False,
+                    oversample_tumour=0.0, monitor="loss", preset="paper")
+    assert {k: getattr(settings, k) for k in {**expected, **research}} == {**expected, **research}
+    # Options on the command line win over the preset's values.
+    mine = settings_from_options({**options, "epochs": 2, "filters": 8}, given={"records", "out", "preset", "epochs",
+                                                                              "filters"})
+    assert (mine.epochs, mine.filters, mine.lr, mine.loss) == (2, 8, expected["lr"], "bce")
+    # Without a preset every option counts as given: the defaults stay.
+    plain = settings_from_options({**options, "preset": None})
+    assert plain == TrainSettings(records=records, out="o")
+
+
+def test_preset_needs_readable_records(tmp_path):
+    from kerasunet.train_settings import settings_from_options
+
+    options = {**TrainSettings(records=str(tmp_path), out="o").to_dict(), "image_size": None, "preset": "paper"}
+    with pytest.raises(TrainError, match=rf"^{re.escape(str(tmp_path / 'manifest.json'))}: cannot read the "
+                                         r"records' modality for --preset \(FileNotFoundError: [^\n]+\)$"):
+        settings_from_options(options, given={"records", "out", "preset"})
+    with pytest.raises(TrainError, match=r"^Expected preset in \(None, 'paper'\)\. Received: preset='fast'$"):
+        TrainSettings(records="r", out="o", preset="fast")
+    with pytest.raises(TrainError, match=r"^Expected monitor in \('dice', 'loss'\)\. Received: monitor='iou'$"):
+        TrainSettings(records="r", out="o", monitor="iou")
+
+
 def test_records_without_train_split_or_manifest(tmp_path):
     with pytest.raises(TrainError, match=r"no manifest\.json; build records with `kerasunet build-records` first"):
         train(TrainSettings(records=str(tmp_path), out=str(tmp_path / "run")))
@@ -305,7 +392,8 @@ RESUMED = dict(records="r", out="o", epochs=5, lr=1e-4, filters=4, depth=2, imag
 
 @pytest.mark.parametrize("field, value, message", [
     ("lr", 1e-3, "lr=0.001; the run used lr=0.0001 (pass --lr 0.0001 to continue it"),
-    ("schedule", "cosine", "schedule='cosine'; the run used schedule='none' (pass --schedule none"),
+    ("schedule", "none", "schedule='none'; the run used schedule='cosine' (pass --schedule cosine"),
+    ("monitor", "loss", "monitor='loss'; the run used monitor='dice' (pass --monitor dice"),
     ("loss", "bce", "loss='bce'; the run used loss='bce_dice' (pass --loss bce_dice"),
     ("seed", 3, "seed=3; the run used seed=0 (pass --seed 0"),
     ("batch_size", 8, "batch_size=8; the run used batch_size=10 (pass --batch-size 10"),

@@ -42,7 +42,7 @@ def test_mri_phantoms_skip_defects_and_normalise_per_case(tiny_phantoms, tmp_pat
     assert all(len(c["slices"]) == 12 for c in manifest["cases"].values())  # MRI: all slices
     _check_voxels(out, manifest, context=0)
     x, y = next(iter(get_dataset(out, "val", batch_size=12, training=False, pad_to_multiple=16)))
-    assert x.shape == (12, 48, 48, 1) and y.shape == (12, 48, 48, 1)
+    assert x.shape == (12, 48, 48, 1) and y.shape == (12, 48, 48) and y.dtype == "uint8"
     (val_case,) = manifest["splits"]["val"]["cases"]
     raw = load_volume(manifest["cases"][val_case]["image"]).data[:, :, :, None]
     stats = np.array(manifest["cases"][val_case]["norm_stats"], np.float32)

@@ -1,0 +1,269 @@
+"""Segmentation quality on unseen phantoms: kerasunet's defaults against a plain U-Net (not a test).
+
+One run does everything, in ``--out`` (a temporary folder by default):
+
+1. ``kerasunet.synth`` CT phantoms at ``--size`` with a seed the tests do not use
+   (``--seed``, default 1234): ``--train-cases`` for training, ``--test-cases`` held out.
+2. Records of the training cases with ``build-records`` defaults except the test split
+   (``test_fraction=0``: the held-out phantoms are the test set), so 20 % of them validate.
+3. kerasunet ``train`` with its defaults apart from ``--filters`` and ``--image-size`` (as the
+   issue's run), for as many epochs as fit the budget: a one-epoch calibration run (not
+   counted) gives the CPU time of an epoch.
+4. The plain U-Net written below (the issue's 60-line script: 2D U-Net, BCE + Dice, Adam 1e-3,
+   batch 16, BatchNorm momentum 0.9, no augmentation, every training case, the last epoch)
+   trained for the CPU time kerasunet used.
+5. Both segment the held-out phantoms through :func:`kerasunet.predict.predict_volume` (the
+   same preprocessing and post-processing) and are scored as ``kerasunet evaluate`` scores
+   them (``lits2017``): liver and tumour Dice per case, lesion recall (IoU > 0.5) and
+   precision. Last, the lesion filter (:mod:`kerasunet.lesion_filter`) is fitted on the
+   validation cases' lesions and applied to kerasunet's held-out predictions.
+
+The budget: ``--minutes`` of wall time on all the machine's cores, i.e. ``minutes x 60 x
+cores`` seconds of this process's CPU time (``time.process_time``, every thread), so a busy
+machine stretches the wall time but not the work each model gets.
+
+Usage::
+
+    python benchmarks/quality.py                  # 15 minutes per model (the issue's budget)
+    nice -n 10 python benchmarks/quality.py --minutes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: tfrecords_builder too
+
+import numpy as np  # noqa: E402
+
+BASELINE_LR, BASELINE_BATCH, BASELINE_BN_MOMENTUM = 1e-3, 16, 0.9
+
+
+# --- the plain baseline (the issue's script) -----------------------------------------------
+
+def plain_unet(channels: int, outputs: int, filters: int, depth: int = 4):
+    """A plain 2D U-Net: two 3x3 conv-BN-ReLU per level, max-pool, transposed-conv up, concat."""
+    import keras
+    from keras import layers
+
+    def block(x, f):
+        for _ in range(2):
+            x = layers.Conv2D(f, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization(momentum=BASELINE_BN_MOMENTUM)(x)
+            x = layers.ReLU()(x)
+        return x
+
+    inputs = keras.Input((None, None, channels))
+    x, skips = inputs, []
+    for level in range(depth):
+        x = block(x, filters * 2**level)
+        skips.append(x)
+        x = layers.MaxPooling2D()(x)
+    x = block(x, filters * 2**depth)
+    for level in reversed(range(depth)):
+        x = layers.Conv2DTranspose(filters * 2**level, 2, strides=2, padding="same")(x)
+        x = block(layers.Concatenate()([x, skips[level]]), filters * 2**level)
+    return keras.Model(inputs, layers.Conv2D(outputs, 1, activation="sigmoid")(x))
+
+
+def bce_dice(y_true, y_pred):
+    """Mean pixel BCE plus 1 - soft Dice over the batch, averaged over channels."""
+    from keras import ops
+
+    y_pred = ops.clip(y_pred, 1e-7, 1 - 1e-7)
+    bce = -ops.mean(y_true * ops.log(y_pred) + (1 - y_true) * ops.log(1 - y_pred))
+    inter = ops.sum(y_true * y_pred, axis=(0, 1, 2))
+    total = ops.sum(y_true + y_pred, axis=(0, 1, 2))
+    return bce + 1.0 - ops.mean((2 * inter + 1) / (total + 1))
+
+
+def train_baseline(records: Path, size: int, filters: int, cpu_budget: float, seed: int):
+    """Trains :func:`plain_unet` on every slice of the records (train and val) until the budget is spent."""
+    import keras
+
+    from kerasunet.core.labels import targets_from_labels_np
+    from kerasunet.data import get_dataset, read_manifest
+
+    manifest = read_manifest(records)
+    splits = [s for s, e in manifest["splits"].items() if e["num_examples"]]
+    xs, ys = [], []
+    for split in splits:
+        batches = get_dataset(records, split, 64, training=False, image_size=(size, size))
+        for x, labels in batches.as_numpy_iterator():  # the reader gives uint8 label maps
+            xs.append(x)
+            ys.append(targets_from_labels_np(labels, manifest["modality"]))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    keras.utils.set_random_seed(seed)
+    model = plain_unet(x.shape[-1], y.shape[-1], filters)
+    model.compile(keras.optimizers.Adam(BASELINE_LR), bce_dice)
+
+    class Budget(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if time.process_time() - start >= cpu_budget:
+                self.model.stop_training = True
+
+    start, epochs = time.process_time(), 0  # Budget reads start
+    while time.process_time() - start < cpu_budget:
+        history = model.fit(x, y, batch_size=BASELINE_BATCH, epochs=1, shuffle=True, verbose=0,
+                            callbacks=[Budget()])
+        epochs += 1
+        print(f"  baseline epoch {epochs}: loss {history.history['loss'][-1]:.4f}, "
+              f"{time.process_time() - start:.0f}/{cpu_budget:.0f} CPU s", flush=True)
+    return model, {"epochs": epochs, "slices": len(x), "cpu_s": time.process_time() - start}
+
+
+# --- kerasunet -------------------------------------------------------------------------------
+
+def train_kerasunet(records: Path, out: Path, size: int, filters: int, cpu_budget: float):
+    """kerasunet ``train`` defaults (but filters and image size) for the epochs that fit ``cpu_budget``."""
+    from kerasunet.train import train
+    from kerasunet.train_settings import TrainSettings
+
+    common = dict(records=str(records), filters=filters, image_size=(size, size))
+    start = time.process_time()
+    train(TrainSettings(out=str(out / "calibration"), epochs=1, **common), progress=lambda line: None)
+    per_epoch = time.process_time() - start  # startup and tracing included: an upper bound
+    epochs = max(1, int(cpu_budget // per_epoch))
+    print(f"  calibration: {per_epoch:.0f} CPU s for one epoch -> {epochs} epochs", flush=True)
+    start, wall = time.process_time(), time.perf_counter()
+    run = train(TrainSettings(out=str(out / "kerasunet"), epochs=epochs, **common),
+                progress=lambda line: print("  " + line, flush=True) if " done in " in line else None)
+    return run, {"cpu_s": time.process_time() - start, "wall_s": time.perf_counter() - wall, "epochs": epochs}
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+def segment(model, info, cases):
+    """``[(case_id, volume, truth, labels, probabilities)]`` for the held-out cases."""
+    from kerasunet.core.cases import load_case
+    from kerasunet.predict import predict_volume
+
+    out = []
+    for case in cases:
+        volume, truth = load_case(case, "ct")
+        labels, probs = predict_volume(model, info, volume)
+        out.append((case.case_id, volume, truth, labels, probs))
+    return out
+
+
+def scores(predictions, labels_of=lambda p: p[3]) -> dict:
+    """Liver/tumour Dice per case and lesion precision/recall, as ``kerasunet evaluate`` gives them."""
+    from kerasunet.lits_scoring import score_volume, summarize_cases
+
+    per_case = [score_volume(labels_of(p), p[2], p[1], "ct", "lits2017") for p in predictions]
+    s = summarize_cases(per_case, "ct", "lits2017")["structures"]
+    t = s["tumour"]
+    return {"liver_dice": s["liver"]["dice_per_case"], "tumour_dice": t["dice_per_case"],
+            "lesion_recall": t["lesion_recall"], "lesion_precision": t["lesion_precision"],
+            "lesion_recall_gt0": t["lesion_recall_gt0"], "lesion_precision_gt0": t["lesion_precision_gt0"],
+            "true_lesions": t["truth_lesions"], "pred_lesions": t["pred_lesions"]}
+
+
+def lesion_filter_effect(model, info, records: Path, predictions) -> dict:
+    """Thresholds fitted on the validation cases' lesions, applied to the held-out predictions."""
+    from kerasunet.core.cases import case_from_entry
+    from kerasunet.data import read_manifest
+    from kerasunet.lesion_filter import case_candidates, filter_lesions, fit_lesion_filter
+
+    manifest = read_manifest(records)
+    val = [case_from_entry(c, manifest["cases"][c]) for c in manifest["splits"]["val"]["cases"]]
+    candidates, n_truth = [], 0
+    for case_id, volume, truth, labels, probs in segment(model, info, val):
+        found, n = case_candidates(labels, probs[..., 1], volume.data, volume.spacing, truth, case_id)
+        candidates, n_truth = candidates + found, n_truth + n
+    thresholds = fit_lesion_filter(candidates, n_truth)
+    filtered = [filter_lesions(p[3], p[4][..., 1], p[1].data, p[1].spacing, thresholds) for p in predictions]
+    after = scores([(*p, f) for p, f in zip(predictions, filtered)], labels_of=lambda p: p[5])
+    return {"thresholds": thresholds.to_dict(), "validation_lesions": n_truth,
+            "validation_candidates": len(candidates), "after": after}
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def make_data(out: Path, args) -> tuple[Path, list]:
+    """Phantoms, a training folder of links, records of it, and the held-out cases."""
+    from kerasunet.core.cases import find_cases
+    from kerasunet.synth import synth_lits
+    from tfrecords_builder.build import BuildSettings, build_records
+
+    synth_lits(out / "phantoms", args.train_cases + args.test_cases, size=args.size, seed=args.seed)
+    folders = {"train": range(args.train_cases), "test": range(args.train_cases, args.train_cases + args.test_cases)}
+    for name, indices in folders.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for i in indices:
+            for stem in ("volume", "segmentation"):
+                link = out / name / f"{stem}-{i}.nii"
+                if not link.exists():
+                    link.symlink_to(out / "phantoms" / f"{stem}-{i}.nii")
+    records = out / "records"
+    build_records(BuildSettings(source=str(out / "train"), dataset="lits", out=str(records), test_fraction=0.0,
+                                workers=1))
+    return records, find_cases(out / "test")[1]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=15.0, help="Wall minutes per model on all cores.")
+    parser.add_argument("--seed", type=int, default=1234, help="Phantom seed (not one the tests use).")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--filters", type=int, default=16)
+    parser.add_argument("--train-cases", type=int, default=10)
+    parser.add_argument("--test-cases", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="Work folder [a temporary one].")
+    args = parser.parse_args(argv)
+    out = args.out or Path(tempfile.mkdtemp(prefix="kerasunet-quality-"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    budget = args.minutes * 60 * cores
+    print(f"work folder {out}; budget {args.minutes:g} min on {cores} cores = {budget:.0f} CPU s per model")
+    records, test_cases = make_data(out, args)
+
+    from kerasunet.core.runs import RunInfo, load_model, resolve_run
+
+    run, k_stats = train_kerasunet(records, out, args.size, args.filters, budget)
+    info = resolve_run(run)
+    k_model = load_model(info)
+    wall = time.perf_counter()
+    b_model, b_stats = train_baseline(records, args.size, args.filters, k_stats["cpu_s"], args.seed)
+    b_wall = time.perf_counter() - wall
+    b_info = RunInfo(out / "baseline.keras", {**info.config, "model": {**info.config["model"], "depth": 4}})
+    results = {"kerasunet": scores(k_pred := segment(k_model, info, test_cases)),
+               "baseline": scores(segment(b_model, b_info, test_cases))}
+    results["kerasunet"] |= k_stats
+    results["baseline"] |= {"wall_s": b_wall, **b_stats}
+    results["lesion_filter"] = lesion_filter_effect(k_model, info, records, k_pred)
+    report(results, args)
+    (out / "quality.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def report(results: dict, args) -> None:
+    print(f"\nheld-out phantoms: {args.test_cases} cases, seed {args.seed}, {args.size}x{args.size}; "
+          f"budget {args.minutes:g} min per model")
+    print("lesion recall and precision: lits2017 (detected at IoU > 0.5) / the '> 0' variant (any overlap)")
+    print(f"{'model':<27}{'liver Dice/case':>16}{'tumour Dice/case':>17}{'lesion recall':>15}"
+          f"{'lesion precision':>17}{'lesions':>8}{'epochs':>7}{'CPU s':>7}{'wall s':>7}")
+    rows = [("kerasunet defaults", results["kerasunet"]), ("plain U-Net baseline", results["baseline"]),
+            ("kerasunet + lesion filter", {**results["kerasunet"], **results["lesion_filter"]["after"]})]
+    for name, r in rows:
+        print(f"{name:<27}{r['liver_dice']:>16.3f}{r['tumour_dice']:>17.3f}"
+              f"{r['lesion_recall']:>8.2f} / {r['lesion_recall_gt0']:.2f}"
+              f"{r['lesion_precision']:>10.2f} / {r['lesion_precision_gt0']:.2f}"
+              f"{r['pred_lesions']:>8}{r['epochs']:>7}{r['cpu_s']:>7.0f}{r['wall_s']:>7.0f}")
+    print(f"true lesions: {results['kerasunet']['true_lesions']}")
+    print(f"lesion filter thresholds (fitted on {results['lesion_filter']['validation_candidates']} validation "
+          f"candidates): {results['lesion_filter']['thresholds']}")
+    base = results["baseline"]["tumour_dice"]
+    ratio = results["kerasunet"]["tumour_dice"] / base if base > 0 else math.inf
+    print(f"tumour Dice ratio kerasunet / baseline: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""False-positive control of tumour lesions on per-lesion features, after Chlebus et al. 2018.
+
+Chlebus G. et al., "Automatic liver tumor segmentation in CT with fully convolutional neural
+networks and object-based postprocessing", Scientific Reports 8, 15497 (2018), keep a
+predicted lesion only when a classifier on its features (size, intensity, shape, position)
+says it is one. Here the features are few and each has a documented threshold, chosen on
+validation cases by :func:`fit_lesion_filter` rather than trained as a forest:
+
+==================  ==========================================================================
+feature             meaning
+==================  ==========================================================================
+``volume_mm3``      the lesion's volume in mm³ (voxel count times voxel volume)
+``mean_prob``       the mean tumour probability over the lesion's voxels
+``depth_mm``        how deep the lesion reaches into the liver: the largest distance (mm) from
+                    one of its voxels to the nearest voxel outside the liver (label >= 1);
+                    NaN without a liver (MRI)
+``contrast``        ``|mean(ring) - mean(lesion)| / std(ring)`` of the input image, the ring
+                    being the liver voxels (label 1) within :data:`RING_MM` of the lesion; NaN
+                    without a liver or a ring
+==================  ==========================================================================
+
+A lesion is one 26-connected component of the tumour mask (label 2 on CT, 1 on MRI), as in
+:mod:`kerasunet.postprocess`. A lesion is kept when every feature is at least its threshold;
+a NaN feature passes. Dropped CT lesions become liver, dropped MRI lesions background.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from kerasunet.postprocess import FULL_CONNECTIVITY
+
+FEATURES = ("volume_mm3", "mean_prob", "depth_mm", "contrast")
+RING_MM = 5.0  # width of the shell of surrounding liver that ``contrast`` compares with
+TUMOUR_LABEL = {"ct": 2, "mri": 1}
+
+
+@dataclass(frozen=True)
+class LesionFilter:
+    """Lower bounds on the features of :data:`FEATURES`; the defaults keep every lesion.
+
+    Attributes:
+        volume_mm3: smallest lesion volume kept, mm³.
+        mean_prob: smallest mean tumour probability kept.
+        depth_mm: smallest depth into the liver kept, mm.
+        contrast: smallest contrast to the surrounding liver kept (in the ring's std).
+    """
+
+    volume_mm3: float = 0.0
+    mean_prob: float = 0.0
+    depth_mm: float = 0.0
+    contrast: float = 0.0
+
+    def __post_init__(self):
+        for name in FEATURES:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"Expected a finite {name} >= 0. Received: {name}={value!r}")
+
+    def keeps(self, features: dict) -> bool:
+        """Whether a lesion with these features passes every threshold (NaN passes)."""
+        return all(not features[name] < getattr(self, name) for name in FEATURES)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lesion_features(labels: np.ndarray, tumour_prob: np.ndarray, image: np.ndarray, spacing,
+                    modality: str = "ct") -> tuple[np.ndarray, list[dict]]:
+    """The lesions of a label volume and their features.
+
+    Args:
+        labels: uint8 label volume ``(x, y, z)`` in the dataset's convention.
+        tumour_prob: the tumour channel's probabilities, same shape.
+        image: the input volume (HU for CT), same shape.
+        spacing: voxel size in mm per axis.
+        modality: ``"ct"`` or ``"mri"`` (which label is tumour; MRI has no liver).
+
+    Returns:
+        ``(components, features)``: the lesion id of each voxel (0 outside lesions) and one
+        dict of :data:`FEATURES` per lesion, in id order (lesion ``i`` is ``features[i - 1]``).
+    """
+    if not labels.shape == tumour_prob.shape == image.shape:
+        raise ValueError(f"Expected labels, probabilities and image of one shape. Received: {labels.shape}, "
+                         f"{tumour_prob.shape} and {image.shape}")
+    spacing = np.asarray(spacing, dtype=np.float64)
+    components, _ = ndimage.label(labels == TUMOUR_LABEL[modality], structure=FULL_CONNECTIVITY)
+    depth = liver_depth(labels >= 1, spacing) if modality == "ct" else None
+    grow = np.ceil(RING_MM / spacing).astype(int)
+    features = []
+    for index, box in enumerate(ndimage.find_objects(components), 1):
+        lesion = components[box] == index
+        row = {"volume_mm3": float(lesion.sum() * np.prod(spacing)),
+               "mean_prob": float(tumour_prob[box][lesion].mean()), "depth_mm": math.nan, "contrast": math.nan}
+        if depth is not None:
+            row["depth_mm"] = float(depth[box][lesion].max())
+            row["contrast"] = ring_contrast(index, box, components, labels, image, spacing, grow)
+        features.append(row)
+    return components, features
+
+
+def liver_depth(liver: np.ndarray, spacing) -> np.ndarray:
+    """Distance (mm) of each voxel to the nearest voxel outside ``liver``; 0 outside it.
+
+    One distance transform over the liver's bounding box padded by a voxel of background:
+    everything beyond the box is outside the liver, so the crop changes nothing.
+    """
+    depth = np.zeros(liver.shape, np.float64)
+    if not liver.any():
+        return depth
+    box = bounding_box(liver)
+    inside = np.pad(liver[box], 1, constant_values=False)
+    depth[box] = ndimage.distance_transform_edt(inside, sampling=spacing)[(slice(1, -1),) * liver.ndim]
+    return depth
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every True voxel of a non-empty ``mask``."""
+    return ndimage.find_objects(mask.astype(np.uint8))[0]
+
+
+def ring_contrast(index: int, box, components, labels, image, spacing, grow) -> float:
+    """``contrast`` of lesion ``index``: its mean against the liver (label 1) within :data:`RING_MM`.
+
+    Computed in the lesion's box grown by the ring's width in voxels, which holds every voxel
+    within :data:`RING_MM` of the lesion. NaN when fewer than two liver voxels surround it.
+    """
+    big = tuple(slice(max(b.start - g, 0), min(b.stop + g, n)) for b, g, n in zip(box, grow, labels.shape))
+    lesion = components[big] == index
+    ring = (ndimage.distance_transform_edt(~lesion, sampling=spacing) <= RING_MM) & ~lesion & (labels[big] == 1)
+    if ring.sum() < 2:
+        return math.nan
+    around = image[big][ring].astype(np.float64)
+    spread = float(around.std())
+    difference = abs(float(around.mean()) - float(image[big][lesion].astype(np.float64).mean()))
+    return difference / spread if spread > 0 else math.inf
+
+
+def filter_lesions(labels: np.ndarray, tumour_prob: np.ndarray, image: np.ndarray, spacing,
+                   thresholds: LesionFilter, modality: str = "ct") -> np.ndarray:
+    """``labels`` without the lesions that fail ``thresholds`` (CT: they become liver).
+
+    Returns:
+        A new uint8 label volume; the input is not modified.
+    """
+    components, features = lesion_features(labels, tumour_prob, image, spacing, modality)
+    dropped = [i for i, row in enumerate(features, 1) if not thresholds.keeps(row)]
+    out = labels.copy()
+    if dropped:
+        out[np.isin(components, dropped)] = 1 if modality == "ct" else 0
+    return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A predicted lesion of a validation case: its features and the true lesions it touches.
+
+    Attributes:
+        features: one value per name in :data:`FEATURES`.
+        truth_ids: ``(case, lesion id)`` of every true lesion it overlaps; empty for a false
+            positive.
+    """
+
+    features: dict
+    truth_ids: frozenset
+
+
+def case_candidates(labels: np.ndarray, tumour_prob: np.ndarray, image: np.ndarray, spacing,
+                    truth: np.ndarray, case: str, modality: str = "ct") -> tuple[list[Candidate], int]:
+    """The predicted lesions of one case, matched to the true ones, and the true lesion count.
+
+    A predicted lesion is a true positive when it overlaps a true lesion (26-connected
+    components of the true tumour mask), as :func:`kerasunet.lits_metrics.lesion_detection`
+    counts them.
+    """
+    components, features = lesion_features(labels, tumour_prob, image, spacing, modality)
+    truth_components, n_truth = ndimage.label(truth == TUMOUR_LABEL[modality], structure=FULL_CONNECTIVITY)
+    candidates = []
+    for index, row in enumerate(features, 1):
+        touched = np.unique(truth_components[(components == index) & (truth_components > 0)])
+        candidates.append(Candidate(row, frozenset((case, int(t)) for t in touched)))
+    return candidates, int(n_truth)
+
+
+def detection_scores(candidates: list[Candidate], n_truth: int, thresholds: LesionFilter) -> dict:
+    """Lesion precision and recall of the candidates ``thresholds`` keep.
+
+    Returns:
+        ``{"precision", "recall", "f1", "kept", "false_positives"}``; precision is 0 when
+        nothing is kept, recall 0 when there is no true lesion.
+    """
+    kept = [c for c in candidates if thresholds.keeps(c.features)]
+    correct = sum(1 for c in kept if c.truth_ids)
+    found = len(frozenset().union(*(c.truth_ids for c in kept))) if kept else 0
+    precision = correct / len(kept) if kept else 0.0
+    recall = found / n_truth if n_truth else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "kept": len(kept),
+            "false_positives": len(kept) - correct}
+
+
+def fit_lesion_filter(candidates: list[Candidate], n_truth: int, max_recall_loss: float = 0.0,
+                      rounds: int = 2) -> LesionFilter:
+    """Thresholds that remove the most false positives of validation candidates.
+
+    A coordinate search: for each feature in turn, every midpoint between two neighbouring
+    candidate values (and 0) is tried with the other thresholds fixed, and the one of the
+    highest lesion F1 is kept (the lowest on ties, so a threshold never rises without a
+    gain). Thresholds that lower the recall by more than ``max_recall_loss`` below that of
+    keeping every candidate are not considered: with the default 0, no true lesion found on
+    validation is given up, which keeps a small validation set from choosing thresholds on
+    one or two lesions.
+
+    Args:
+        candidates: from :func:`case_candidates` over the validation cases.
+        n_truth: the validation cases' true lesions in all.
+        max_recall_loss: how much recall may be traded for precision.
+        rounds: passes over the features.
+
+    Returns:
+        The thresholds; :class:`LesionFilter` () (keep all) when nothing can be gained.
+    """
+    if not 0 <= max_recall_loss <= 1:
+        raise ValueError(f"Expected 0 <= max_recall_loss <= 1. Received: max_recall_loss={max_recall_loss}")
+    best = LesionFilter()
+    floor = detection_scores(candidates, n_truth, best)["recall"] - max_recall_loss - 1e-12
+    best_f1 = detection_scores(candidates, n_truth, best)["f1"]
+    for _ in range(rounds):
+        for name in FEATURES:
+            values = np.unique([c.features[name] for c in candidates if math.isfinite(c.features[name])])
+            for value in [0.0, *((values[1:] + values[:-1]) / 2)]:
+                trial = LesionFilter(**{**best.to_dict(), name: float(max(value, 0.0))})
+                scores = detection_scores(candidates, n_truth, trial)
+                better = scores["f1"] > best_f1 + 1e-12 or (
+                    abs(scores["f1"] - best_f1) <= 1e-12 and getattr(trial, name) < getattr(best, name))
+                if scores["recall"] >= floor and better:
+                    best, best_f1 = trial, scores["f1"]
+    return best
