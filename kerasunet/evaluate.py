@@ -40,11 +40,11 @@ from kerasunet.lits_scoring import (convention_note, csv_rows, finite_or_none, f
                                     score_volume, summarize_cases)
 from kerasunet.core.cases import MISSING_LABEL, CaseError, CaseFiles, case_from_entry, load_case, open_dataset
 from kerasunet.predict import PredictSettings, load_predictor, predict_volume
+from kerasunet.core.labels import OUTPUTS
 from kerasunet.core.preprocessing import case_stats, normalize_np
 from kerasunet.core.records_format import MANIFEST_FILE
 
 BASELINE = "all-background"
-STRUCTURES = {"ct": ("liver", "tumour"), "mri": ("tumour",)}
 
 
 class EvaluateError(ValueError):
@@ -249,7 +249,7 @@ def score_cases(predictors: dict[str, tuple], cases: list[CaseFiles], modality: 
             scores.overlays.append(write_overlay(case.case_id, volume, truth, predictions, norm, modality,
                                                  overlay_dir))
         dice = ", ".join(f"{name} {s}={scores.per_case[name][-1][s]['dice']:.3f}"
-                         for name in predictors for s in STRUCTURES[modality])
+                         for name in predictors for s in OUTPUTS[modality])
         progress(f"[{i}/{len(cases)}] {case.case_id}: {dice}")
     return scores
 
@@ -269,7 +269,7 @@ def write_overlay(case_id: str, volume, truth: np.ndarray, predictions: dict[str
 
 def render_report(summary: dict, rows: list[dict]) -> str:
     """The ``report.md`` text: settings, one table per structure, per-case Dice, overlay figures."""
-    structures = STRUCTURES[summary["modality"]]
+    structures = OUTPUTS[summary["modality"]]
     lines = [f"# Evaluation: {', '.join(summary['models'])}", "",
              f"- data: `{summary['data']}` ({summary['modality']}, split `{summary['split']}`), "
              f"{summary['n_cases']} cases evaluated, {len(summary['skipped'])} skipped",
