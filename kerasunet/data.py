@@ -279,9 +279,3 @@ def _verify_shard(path: Path, shard: dict, compression: str) -> list[str]:
         return [f"{path}: holds {count} examples, manifest says {shard['num_examples']}"]
     return []
 
-
-def example_arrays(example: dict, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised image and targets of one :func:`load_split_examples` dict (numpy)."""
-    from kerasunet.core.preprocessing import normalize_np
-
-    return normalize_np(example["image"], example["norm_stats"]), targets_from_labels_np(example["label"], modality)

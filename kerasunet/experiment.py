@@ -60,7 +60,7 @@ from kerasunet.core.atomic import atomic_path, write_json
 from kerasunet.core.choices import LOSSES, MODES
 from kerasunet.core.fingerprint import changed_settings, hash_settings
 from kerasunet.core.records_format import DEFAULT_WORKERS, MANIFEST_FILE, file_sha256
-from kerasunet.core.runs import CONFIG_FILE, MODEL_FILE
+from kerasunet.core.runs import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, TIMING_FILE
 from kerasunet.train_settings import TrainSettings
 
 LETTERS = dict(zip("ABC", MODES))  # A scratch, B init, C freeze
@@ -466,7 +466,7 @@ def _first_epoch_val_loss(runs: list[list[dict]]) -> float:
 def _timing(run_dir: Path) -> list[float]:
     from kerasunet.curves import read_history
 
-    return [row["seconds"] for row in read_history(run_dir / "timing.csv") if "seconds" in row]
+    return [row["seconds"] for row in read_history(run_dir / TIMING_FILE) if "seconds" in row]
 
 
 def run_settings(out: Path, runs: list[Run]) -> dict[str, dict]:
@@ -515,7 +515,7 @@ def write_report(out: Path, runs: list[Run], ct_eval: dict, mri_evals: list[dict
     figures = out / "figures"
     histories: dict[str, list[list[dict]]] = {}
     for run in runs:
-        histories.setdefault(run.label, []).append(read_history(out / "runs" / run.name / "history.csv"))
+        histories.setdefault(run.label, []).append(read_history(out / "runs" / run.name / HISTORY_FILE))
     repeats = max(len(h) for h in histories.values())
     main = {k: v for k, v in histories.items() if k in MAIN_LABELS}
     ablation = {k: v for k, v in histories.items() if k.startswith("A (")}
