@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from kerasunet.core.labels import VALID_LABELS, targets_from_labels_np
+from kerasunet.core.labels import label_values, targets_from_labels_np
 from kerasunet.core.preprocessing import normalize
 from kerasunet.core.records_format import MANIFEST_FILE, file_sha256
 from tfrecords_builder.features import decode_example, parse_example, parse_examples
@@ -65,23 +65,37 @@ def split_files(records_dir: str | Path, manifest: dict, split: str) -> list[str
     return [str(Path(records_dir) / s["file"]) for s in entry["shards"]]
 
 
-def targets_from_labels(label, modality: str):
+def targets_from_labels(label, outputs, label_outputs=None):
     """uint8 label map ``(...)`` -> float32 targets ``(..., N)`` (tf twin of labels.targets_from_labels_np).
 
     One table lookup per voxel (row = label value), cheaper than comparing per channel;
-    the builder guarantees label values are in ``VALID_LABELS[modality]``.
+    the builder guarantees label values are 0 or a value of ``label_outputs`` (default
+    ``outputs``; the records manifest's ``outputs``).
     """
-    table = targets_from_labels_np(np.array(VALID_LABELS[modality]), modality)
+    held = label_outputs if label_outputs is not None else outputs
+    table = targets_from_labels_np(np.arange(len(label_values(held)) + 1), outputs, held)
     return tf.gather(tf.constant(table), tf.cast(label, tf.int32))
 
 
-def _records(files: list[str], manifest: dict, training: bool, seed):
-    ds = tf.data.Dataset.from_tensor_slices(files)
+def _records(records_dir, manifest: dict, split: str, training: bool, seed):
+    """The serialised examples of a split's shards, each shard held to the manifest's count.
+
+    A shard cut exactly at a record boundary reads as a normal end of file, so each shard's
+    count is asserted (``FailedPreconditionError`` at its end, without the file's name: the
+    training loop's ``unreadable_shard`` finds the shard, as for any other read error).
+    """
+    files = split_files(records_dir, manifest, split)
+    counts = [shard["num_examples"] for shard in manifest["splits"][split]["shards"]]
+    ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(counts, tf.int64)))
     if training:
         ds = ds.shuffle(len(files), seed=seed)
     compression = manifest.get("compression") or ""
-    return ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
-                         cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
+
+    def shard(path, count):
+        records = tf.data.TFRecordDataset(path, compression_type=compression)
+        return records.apply(tf.data.experimental.assert_cardinality(count))
+
+    return ds.interleave(shard, cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
                          deterministic=not training)
 
 
@@ -183,14 +197,14 @@ def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, ima
     if pad_to_multiple is not None and pad_to_multiple < 1:
         raise ValueError(f"Expected pad_to_multiple >= 1. Received: pad_to_multiple={pad_to_multiple}")
     manifest = read_manifest(records_dir)
-    files = split_files(records_dir, manifest, split)
+    split_files(records_dir, manifest, split)  # RecordsError for an empty split, before any tf.data
     drop = training if drop_remainder is None else drop_remainder
     height, width = _static_hw(manifest, split, image_size, pad_to_multiple)
     per_example = training and (augment is not None or oversample_tumour > 0)
     if not per_example and _static_hw(manifest, split, None, None) != (None, None):
         # Fast path: shuffle and batch the serialised records, then parse, decode and
         # normalise whole batches (one op per batch instead of per slice).
-        ds = _records(files, manifest, training, seed)
+        ds = _records(records_dir, manifest, split, training, seed)
         if repeat:  # before the shuffle: its buffer then never drains and refills at an epoch's end
             ds = ds.repeat()
         if training:
@@ -199,7 +213,7 @@ def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, ima
         fn = _example_fn(manifest, image_size, pad_to_multiple)
         ds = ds.map(lambda s: fn(parse_examples(s)), num_parallel_calls=AUTOTUNE, deterministic=not training)
         return _with_static_shape(ds, manifest, batch_size if drop else None, height, width)
-    parsed = _records(files, manifest, training, seed).map(parse_example, num_parallel_calls=AUTOTUNE,
+    parsed = _records(records_dir, manifest, split, training, seed).map(parse_example, num_parallel_calls=AUTOTUNE,
                                                            deterministic=not training)
     if training and oversample_tumour > 0:
         if manifest["class_stats"][split]["tumour_slices"] == 0:
@@ -240,8 +254,7 @@ def load_split_examples(records_dir, split: str, limit: int | None = None):
     ``label`` (uint8 H x W), ``norm_stats``, ``spacing`` and ``has_tumour``.
     """
     manifest = read_manifest(records_dir)
-    files = split_files(records_dir, manifest, split)
-    ds = _records(files, manifest, False, None).map(lambda s: decode_example(parse_example(s)))
+    ds = _records(records_dir, manifest, split, False, None).map(lambda s: decode_example(parse_example(s)))
     if limit is not None:
         ds = ds.take(limit)
     for ex in ds.as_numpy_iterator():

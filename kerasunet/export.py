@@ -37,7 +37,7 @@ from pathlib import Path
 
 from kerasunet import __version__
 from kerasunet.core.atomic import atomic_path, write_json
-from kerasunet.core.labels import LABEL_VALUES, OUTPUTS
+from kerasunet.core.labels import label_values
 from kerasunet.core.runs import RunInfo, load_model, resolve_run
 
 SIGNATURE = "serving_default"
@@ -143,11 +143,9 @@ def choose_version(model_dir: Path, version: int | None, overwrite: bool) -> int
     return version
 
 
-def label_values(modality: str) -> dict[str, int]:
-    """Mask label of each output channel: CT liver 1 / tumour 2, MRI tumour 1 (see labels.py)."""
-    if modality == "ct":
-        return {"background": 0, **{name: LABEL_VALUES[name] for name in OUTPUTS["ct"]}}
-    return {"background": 0, "tumour": 1}
+def mask_labels(outputs) -> dict[str, int]:
+    """Mask value of background and of each output structure (``labels.label_values``)."""
+    return {"background": 0, **label_values(outputs)}
 
 
 def make_serving_fn(model, info: RunInfo):
@@ -166,7 +164,7 @@ def make_serving_fn(model, info: RunInfo):
     from kerasunet.core.labels import labels_from_probabilities
     from kerasunet.core.preprocessing import normalize, stats_in_graph
 
-    multiple, settings, modality, center = 2**info.depth, info.norm, info.modality, info.context
+    multiple, settings, outputs, center = 2**info.depth, info.norm, info.outputs, info.context
     image_size = info.config["data"].get("image_size")
 
     def serve(image):
@@ -185,7 +183,7 @@ def make_serving_fn(model, info: RunInfo):
             x = tf.pad(x, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]], constant_values=background)
             # Mixed-precision models compute in float16; the signature stays float32.
             probs = tf.cast(model(x, training=False), tf.float32)[:, :height, :width, :]
-        return {"probabilities": probs, "mask": labels_from_probabilities(probs, modality)}
+        return {"probabilities": probs, "mask": labels_from_probabilities(probs, outputs)}
 
     return serve
 
@@ -337,10 +335,10 @@ def export_info(name: str, info: RunInfo, version: int, previous: dict, versions
         "signature_name": SIGNATURE,
         "inputs": {INPUT_NAME: {"dtype": "float32", "shape": [None, None, None, channels],
                                 "units": INPUT_UNITS[info.modality]}},
-        "outputs": {"probabilities": {"dtype": "float32", "shape": [None, None, None, len(OUTPUTS[info.modality])],
-                                      "channels": list(OUTPUTS[info.modality])},
+        "outputs": {"probabilities": {"dtype": "float32", "shape": [None, None, None, len(info.outputs)],
+                                      "channels": list(info.outputs)},
                     "mask": {"dtype": "uint8", "shape": [None, None, None],
-                             "labels": label_values(info.modality)}},
+                             "labels": mask_labels(info.outputs)}},
         "modality": info.modality,
         "context": info.context,
         "channels": channels,

@@ -101,12 +101,13 @@ def within_distance(region: np.ndarray, candidates: np.ndarray, spacing, distanc
     return out
 
 
-def postprocess(labels: np.ndarray, modality: str, spacing, settings: PostprocessSettings) -> np.ndarray:
+def postprocess(labels: np.ndarray, outputs, spacing, settings: PostprocessSettings) -> np.ndarray:
     """Applies the post-processing rules of the module docstring to a label volume.
 
     Args:
         labels: uint8 label volume ``(x, y, z)`` in the dataset's convention.
-        modality: "ct" (1 liver, 2 tumour) or "mri" (1 tumour).
+        outputs: The structures the labels hold (``labels.label_values``): ``("liver",
+            "tumour")`` (1 liver, 2 tumour), ``("tumour",)`` (1 tumour) or ``("liver",)``.
         spacing: voxel size in mm, same axis order as ``labels``.
         settings: which rules run.
 
@@ -115,7 +116,8 @@ def postprocess(labels: np.ndarray, modality: str, spacing, settings: Postproces
     """
     if not settings.enabled:
         return labels.copy()
-    if modality == "mri":
+    outputs = tuple(outputs)
+    if outputs == ("tumour",):
         return remove_small_components(labels >= 1, settings.min_tumour_voxels).astype(np.uint8)
     liver = labels >= 1
     if settings.largest_liver_component:

@@ -49,7 +49,7 @@ from typing import Callable
 
 import numpy as np
 
-from kerasunet.core.labels import OUTPUTS, labels_from_probabilities_np
+from kerasunet.core.labels import labels_from_probabilities_np
 from kerasunet.core.cases import load_image, mask_path, open_dataset
 from kerasunet.core.dicom import holds_dicom
 from kerasunet.core.nifti import Volume, VolumeError, is_nifti, save_like, strip_nifti_suffix
@@ -218,7 +218,7 @@ def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettin
     step = 2**info.depth
     padded = (height, width) if resize_to else (-(-height // step) * step, -(-width // step) * step)
     background = float((stats[0] - stats[2]) / stats[3])
-    probs = np.empty((depth_z, height, width, len(OUTPUTS[info.modality])), dtype=np.float32)
+    probs = np.empty((depth_z, height, width, len(info.outputs)), dtype=np.float32)
     for start in range(0, depth_z, settings.batch_size):
         indices = np.arange(start, min(start + settings.batch_size, depth_z))
         batch = slice_batch(slices, indices, info.context, padded, background)
@@ -227,17 +227,17 @@ def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettin
         out = model_probabilities(model, batch, settings.tta, settings.batch_size)
         probs[indices] = resize(out, (height, width)) if resize_to else out[:, :height, :width, :]
     probs = np.moveaxis(probs, 0, 2)
-    return final_labels(probs, info.modality, volume.spacing, settings), probs
+    return final_labels(probs, info.outputs, volume.spacing, settings), probs
 
 
-def final_labels(probs: np.ndarray, modality: str, spacing, settings: PredictSettings) -> np.ndarray:
+def final_labels(probs: np.ndarray, outputs, spacing, settings: PredictSettings) -> np.ndarray:
     """Thresholded, post-processed uint8 labels of probabilities ``(x, y, z, N)``.
 
     The one rule after the network, for local (:func:`predict_volume`) and served
     (:func:`predict_volume_served`) models alike, so both give the same masks.
     """
-    labels = labels_from_probabilities_np(probs, modality, settings.threshold)
-    return postprocess(labels, modality, spacing, settings.postprocess)
+    labels = labels_from_probabilities_np(probs, outputs, settings.threshold)
+    return postprocess(labels, outputs, spacing, settings.postprocess)
 
 
 def predict_volume_served(served, volume: Volume, settings: PredictSettings = PredictSettings(),
@@ -265,7 +265,7 @@ def predict_volume_served(served, volume: Volume, settings: PredictSettings = Pr
 
     _check_servable(settings)
     probs = predict_probabilities(served, volume.data, settings.batch_size, timeout)
-    return final_labels(probs, served.modality, volume.spacing, settings), probs
+    return final_labels(probs, served.outputs, volume.spacing, settings), probs
 
 
 def output_name(image: Path) -> str:

@@ -103,6 +103,11 @@ class RemoteModel:
         return served_modality(self.num_outputs)
 
     @property
+    def outputs(self) -> tuple[str, ...]:
+        """The structures of the ``probabilities`` channels, in order."""
+        return OUTPUTS[self.modality]
+
+    @property
     def one_case_per_request(self) -> bool:
         return self.modality == "mri"
 

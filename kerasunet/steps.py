@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from kerasunet.data import targets_from_labels
 from kerasunet.losses import as_float
 
 
@@ -50,7 +49,7 @@ def global_batch_loss(loss_fn, y_true, y_pred):
     return loss_fn.from_sums(sums)
 
 
-def make_train_step(model, optimizer, loss_fn, metrics, strategy, modality: str):
+def make_train_step(model, optimizer, loss_fn, metrics, strategy, to_targets):
     """A training step: one global batch from a distributed iterator, one optimiser update.
 
     Args:
@@ -60,7 +59,8 @@ def make_train_step(model, optimizer, loss_fn, metrics, strategy, modality: str)
         loss_fn: A :class:`kerasunet.losses.BatchSumsLoss`.
         metrics: Keras metrics updated with each replica's targets and predictions.
         strategy: The ``tf.distribute`` strategy.
-        modality: ``ct`` or ``mri``: how the batches' uint8 label maps become targets.
+        to_targets: Maps a batch's uint8 label maps to the model's float32 targets
+            (``data.targets_from_labels`` with the run's outputs), on the replica's device.
 
     Returns:
         A ``tf.function`` taking an iterator over ``strategy.experimental_distribute_dataset``
@@ -70,7 +70,7 @@ def make_train_step(model, optimizer, loss_fn, metrics, strategy, modality: str)
     replicas = strategy.num_replicas_in_sync
 
     def replica_step(x, labels):
-        y = targets_from_labels(labels, modality)
+        y = to_targets(labels)
         with tf.GradientTape() as tape:
             pred = model(x, training=True)
             loss = global_batch_loss(loss_fn, y, pred)
@@ -93,7 +93,7 @@ def make_train_step(model, optimizer, loss_fn, metrics, strategy, modality: str)
     return step
 
 
-def make_val_step(model, loss_fn, metrics, modality: str):
+def make_val_step(model, loss_fn, metrics, to_targets):
     """A validation step on the default device, outside ``strategy.run``.
 
     Returns:
@@ -105,7 +105,7 @@ def make_val_step(model, loss_fn, metrics, modality: str):
 
     @tf.function
     def step(x, labels):
-        y = targets_from_labels(labels, modality)
+        y = to_targets(labels)
         pred = model(x, training=False)
         for metric in metrics:
             metric.update_state(y, pred)

@@ -183,6 +183,14 @@ def read_manifest(records: Path) -> tuple[dict, str]:
     return manifest, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def manifest_outputs(manifest: dict) -> tuple[str, ...]:
+    """The structures the records' label maps hold (the manifest's ``outputs``; older
+    manifests: the modality's default)."""
+    from kerasunet.core.labels import OUTPUTS
+
+    return tuple(manifest.get("outputs") or OUTPUTS[manifest["modality"]])
+
+
 def precision_policy(mode: str, progress=print) -> str:
     """The Keras dtype policy for ``--mixed-precision`` ``auto``/``on``/``off``."""
     import tensorflow as tf
@@ -238,10 +246,8 @@ def make_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: 
     """
     from kerasunet import data
     from kerasunet.augment import AugmentSettings
-    from kerasunet.core.labels import OUTPUTS
-
     s, splits = settings, manifest["splits"]
-    output_names = OUTPUTS[manifest["modality"]]
+    output_names = manifest_outputs(manifest)
     steps = s.steps_per_epoch or max(1, splits["train"]["num_examples"] // s.batch_size)
     shape = dict(image_size=s.image_size, pad_to_multiple=None if s.image_size else 2**s.depth)
     try:
@@ -309,6 +315,7 @@ def make_config(settings: TrainSettings, manifest: dict, manifest_sha: str, inpu
     s = settings
     return {
         "model": {"input_channels": inputs.channels, "num_outputs": len(inputs.output_names),
+                  "outputs": list(inputs.output_names),
                   "filters": s.filters, "depth": s.depth, "dropout": s.dropout},
         "data": {"modality": manifest["modality"], "context": manifest.get("context", 0),
                  "norm": manifest["norm"], "image_size": list(s.image_size) if s.image_size else None,
@@ -328,16 +335,20 @@ def run(settings: TrainSettings, strategy, manifest: dict, manifest_sha: str, ru
     import tensorflow as tf
 
     from kerasunet.rundir import RunWriter, previous_rows
+    from kerasunet.data import targets_from_labels
     from kerasunet.steps import make_sync_step, make_train_step, make_val_step
 
     resume_from, start_epoch = latest_checkpoint(run_dir) if settings.resume else (None, 0)
     keras.utils.set_random_seed(settings.seed + start_epoch)
     inputs = make_inputs(settings, manifest, strategy, start_epoch)
     state = build_state(settings, strategy, inputs)
-    modality = manifest["modality"]  # the steps expand the reader's uint8 label maps into its targets
+    # the steps expand the reader's uint8 label maps (the records' outputs) into the model's targets
+    def to_targets(labels):
+        return targets_from_labels(labels, inputs.output_names, manifest_outputs(manifest))
+
     steps = Steps(make_train_step(state.model, state.optimizer, state.loss_fn, state.train_metrics, strategy,
-                                  modality),
-                  make_val_step(state.model, state.loss_fn, state.val_metrics, modality),
+                                  to_targets),
+                  make_val_step(state.model, state.loss_fn, state.val_metrics, to_targets),
                   make_sync_step(state.model, strategy))
     writer = RunWriter(write_dir)
     if resume_from is not None:
@@ -455,7 +466,8 @@ def records_errors(records, manifest: dict, split: str, manager, epoch: int):
     """Turns a shard that cannot be read into a one-line :class:`TrainError`.
 
     TensorFlow reports a deleted shard (NotFoundError), a truncated or corrupt one
-    (DataLossError) or an emptied split (OutOfRangeError) from inside a step, often without
+    (DataLossError; FailedPreconditionError from the reader's per-shard count when a shard
+    was cut at a record boundary) or an emptied split (OutOfRangeError) from inside a step, often without
     the file's name; :func:`unreadable_shard` finds it. The checkpoint of the last finished
     epoch stays as it was.
     """
@@ -463,7 +475,8 @@ def records_errors(records, manifest: dict, split: str, manager, epoch: int):
 
     try:
         yield
-    except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError) as exc:
+    except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError,
+            tf.errors.FailedPreconditionError) as exc:
         raise TrainError(f"{unreadable_shard(Path(records), manifest, split, exc)}; training stopped in "
                          f"epoch {epoch}; {kept_checkpoint(manager)}") from None
 

@@ -243,7 +243,7 @@ def reference_outputs(run, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.pad(x, [(0, 0), (0, -h % m), (0, -w % m), (0, 0)],
                    constant_values=(stats[0] - stats[2]) / stats[3])
         probs = np.asarray(model(x, training=False), np.float32)[:, :h, :w]
-    return probs, labels_from_probabilities_np(probs, info.modality)
+    return probs, labels_from_probabilities_np(probs, info.outputs)
 
 
 # --- A test double of TF Serving's REST API ------------------------------------------------

@@ -6,7 +6,9 @@ label name as datasets write it. Inside kerasunet a label map holds the project'
 each modality's structures are numbered in the order of ``OUTPUTS`` (index + 1), so CT models
 (two sigmoid channels: liver, tumour) write LiTS labels (0 background, 1 liver, 2 tumour) and
 MRI models (one channel: tumour) write 0/1. A structure a modality's models do not segment
-(liver in MRI) reads as background.
+(liver in MRI) reads as background. ``OUTPUTS`` is each modality's default; a run's own
+structures (``RunInfo.outputs``, the records manifest's ``outputs``) may differ: an MRI set
+with liver and tumour (ATLAS) trains both, a cascade's second stage only tumour.
 """
 
 from __future__ import annotations
@@ -41,36 +43,107 @@ def structure_of(name: str) -> str | None:
 
 
 def output_names(modality: str) -> tuple[str, ...]:
+    """The structures a modality's models segment by default (``OUTPUTS``)."""
     return OUTPUTS[modality]
 
 
-def targets_from_labels_np(label: np.ndarray, modality: str) -> np.ndarray:
-    """Label map ``(...)`` -> multi-label float32 targets ``(..., channels)``.
+def check_outputs(outputs) -> tuple[str, ...]:
+    """``outputs`` as a tuple of structure names, in the order of ``STRUCTURES``.
 
-    CT: liver = label >= 1 (the liver includes its tumours), tumour = label == 2. MRI: tumour = label >= 1.
+    Raises:
+        ValueError: an unknown, repeated or out-of-order structure, or none.
     """
-    if modality == "ct":
-        return np.stack([label >= 1, label == 2], axis=-1).astype(np.float32)
-    return (label >= 1)[..., None].astype(np.float32)
+    outputs = tuple(outputs)
+    if not outputs or any(o not in STRUCTURES for o in outputs) or list(outputs) != sorted(
+            set(outputs), key=STRUCTURES.index):
+        raise ValueError(f"Expected structures from {STRUCTURES}, in that order. Received: outputs={outputs}")
+    return outputs
 
 
-def labels_from_probabilities_np(probs: np.ndarray, modality: str, threshold: float = 0.5) -> np.ndarray:
-    """Sigmoid probabilities ``(..., channels)`` -> uint8 label map in the dataset's convention."""
+def label_values(outputs) -> dict[str, int]:
+    """Each structure's value in a label map that holds ``outputs``: its position, from 1."""
+    return {name: i + 1 for i, name in enumerate(check_outputs(outputs))}
+
+
+def targets_from_labels_np(label: np.ndarray, outputs, label_outputs=None) -> np.ndarray:
+    """Label map ``(...)`` -> multi-label float32 targets ``(..., len(outputs))``.
+
+    The label map holds ``label_outputs`` (default: ``outputs``), valued by
+    :func:`label_values`. Structures are nested in ``STRUCTURES`` order (a tumour lies
+    inside the liver), so a structure's target is ``label >= its value``: CT liver =
+    label >= 1 (the liver includes its tumours), tumour = label == 2; a tumour-only map
+    gives tumour = label >= 1. ``outputs`` may be a subset of ``label_outputs`` (a
+    tumour-only model trained on liver-and-tumour labels).
+
+    Raises:
+        ValueError: ``outputs`` names a structure the label map does not hold.
+    """
+    values = label_values(label_outputs if label_outputs is not None else outputs)
+    missing = [o for o in check_outputs(outputs) if o not in values]
+    if missing:
+        raise ValueError(f"Expected outputs held by the labels {tuple(values)}. Received: outputs={tuple(outputs)}")
+    return np.stack([label >= values[o] for o in outputs], axis=-1).astype(np.float32)
+
+
+def labels_from_probabilities_np(probs: np.ndarray, outputs, threshold: float = 0.5) -> np.ndarray:
+    """Sigmoid probabilities ``(..., channels)`` -> uint8 label map valued by :func:`label_values`.
+
+    Later structures win where channels overlap (a tumour lies inside the liver).
+    """
     fg = probs >= threshold
-    if modality == "ct":
-        out = np.zeros(probs.shape[:-1], np.uint8)
-        out[fg[..., 0]] = 1
-        out[fg[..., 1]] = 2  # tumour wins: it lies inside the liver
-        return out
-    return fg[..., 0].astype(np.uint8)
+    out = np.zeros(probs.shape[:-1], np.uint8)
+    for name, value in label_values(outputs).items():
+        out[fg[..., value - 1]] = value
+    return out
 
 
-def labels_from_probabilities(probs, modality: str, threshold: float = 0.5):
+def labels_from_probabilities(probs, outputs, threshold: float = 0.5):
     """keras.ops twin of :func:`labels_from_probabilities_np` (used inside the export graph)."""
     from keras import ops
 
     fg = ops.cast(probs >= threshold, "uint8")
-    if modality == "ct":
-        liver, tumour = fg[..., 0], fg[..., 1]
-        return ops.maximum(liver, tumour * 2)
-    return fg[..., 0]
+    out = fg[..., 0]
+    for value in range(2, len(label_values(outputs)) + 1):
+        out = ops.maximum(out, fg[..., value - 1] * value)
+    return out
+
+
+def as_outputs(outputs) -> tuple[str, ...]:
+    """``outputs`` (structure names) checked by :func:`check_outputs`; a modality name ("ct",
+    "mri") stands for its default structures (``OUTPUTS``).
+
+    Raises:
+        ValueError: an unknown modality or bad structure names.
+    """
+    if isinstance(outputs, str):
+        if outputs not in OUTPUTS:
+            raise ValueError(f"Expected structures or a modality in {tuple(OUTPUTS)}. Received: outputs={outputs!r}")
+        return OUTPUTS[outputs]
+    return check_outputs(outputs)
+
+
+def shared_outputs(*groups) -> tuple[str, ...]:
+    """The structures every group of ``outputs`` holds, in ``STRUCTURES`` order (maybe none)."""
+    held = [set(as_outputs(g)) for g in groups]
+    return tuple(s for s in STRUCTURES if all(s in h for h in held))
+
+
+def relabel_np(label: np.ndarray, from_outputs, to_outputs) -> np.ndarray:
+    """A uint8 label map valued for ``from_outputs`` re-valued for ``to_outputs``.
+
+    Structures are nested (``STRUCTURES`` order), so value ``v`` of ``from_outputs`` holds its
+    first ``v`` structures; each voxel gets the value of the last of them ``to_outputs`` holds,
+    0 when it holds none (a liver-and-tumour map read as tumour-only turns liver into background).
+
+    Raises:
+        ValueError: ``to_outputs`` names a structure ``from_outputs`` does not hold.
+    """
+    source, target = as_outputs(from_outputs), label_values(as_outputs(to_outputs))
+    if any(s not in source for s in target):
+        raise ValueError(f"Expected outputs held by the labels {source}. Received: outputs={tuple(target)}")
+    if source == tuple(target):
+        return np.asarray(label, np.uint8)
+    lut = np.zeros(max(256, len(source) + 1), np.uint8)
+    for v in range(1, len(source) + 1):
+        lut[v] = max((target[s] for s in source[:v] if s in target), default=0)
+    return lut[np.asarray(label, np.int64)]

@@ -12,10 +12,29 @@ A run folder ``RUN_DIR`` holds::
 
 ``config.json`` keys used outside training::
 
-    {"model": {"input_channels": C, "num_outputs": N, "filters": F, "depth": D, "dropout": p},
+    {"model": {"input_channels": C, "num_outputs": N, "outputs": ["liver", "tumour"] | ["tumour"] | ...,
+               "filters": F, "depth": D, "dropout": p},
      "data":  {"modality": "ct"|"mri", "context": K, "norm": NormSettings.to_dict(),
                "image_size": [H, W] | null, "records": "...", "manifest_sha256": "..."},
      "train": {...}, "git_commit": "...", "kerasunet_version": "..."}
+
+3D runs (``train --dims 3``, :mod:`kerasunet.patches`) add three ``model`` keys::
+
+    {"model": {..., "dims": 3, "patch_size": [PD, PH, PW], "spacing": [sD, sH, sW]}}
+
+* ``dims``: 2 or 3 spatial axes; a config without it is a 2D run (``RunInfo.dims`` 2).
+* ``patch_size``: the training patch ``(D, H, W)`` in voxels, D the slice (canonical z)
+  axis and H, W the canonical x, y axes of the 2D slices (:mod:`kerasunet.planner`'s
+  order). Sliding-window inference uses it as its window. 2D runs: absent or null.
+* ``spacing``: the voxel spacing ``(D, H, W)`` in mm the pooling was planned from
+  (:func:`kerasunet.planner.pooling_plan`; the median spacing of the training volumes).
+  The model expects inputs at this spacing. 2D runs: absent or null.
+
+A 3D model takes ``[N, D, H, W, C]`` with every spatial size None (the patch size is not
+baked in): any size that is a multiple of each axis's pooling factor
+(``pooling_factors(pooling_plan(spacing, depth))``) is accepted, so a window may be the
+training patch or, where memory allows, a whole padded volume. ``data.context`` is 0 and
+``data.image_size`` null for 3D runs.
 
 A ``.keras`` file may be given instead of a run folder when a ``config.json`` sits next to it.
 """
@@ -51,6 +70,14 @@ class RunInfo:
         return self.config["data"]["modality"]
 
     @property
+    def outputs(self) -> tuple[str, ...]:
+        """The structures of the model's output channels, in order (``labels.label_values``
+        gives their mask values); runs written before this key: the modality's default."""
+        from kerasunet.core.labels import OUTPUTS
+
+        return tuple(self.config["model"].get("outputs") or OUTPUTS[self.modality])
+
+    @property
     def context(self) -> int:
         return int(self.config["data"].get("context", 0))
 
@@ -65,6 +92,23 @@ class RunInfo:
     @property
     def input_channels(self) -> int:
         return int(self.config["model"]["input_channels"])
+
+    @property
+    def dims(self) -> int:
+        """Spatial axes of the model: 2 (slices) or 3 (volumes); runs without the key are 2D."""
+        return int(self.config["model"].get("dims") or 2)
+
+    @property
+    def patch_size(self) -> tuple[int, int, int] | None:
+        """The training patch ``(D, H, W)`` in voxels of a 3D run; None for 2D runs."""
+        size = self.config["model"].get("patch_size")
+        return tuple(int(s) for s in size) if size else None
+
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        """The voxel spacing ``(D, H, W)`` in mm a 3D run's pooling was planned from; None for 2D."""
+        spacing = self.config["model"].get("spacing")
+        return tuple(float(s) for s in spacing) if spacing else None
 
 
 def resolve_run(path: str | Path) -> RunInfo:
@@ -112,19 +156,20 @@ def load_model(info: RunInfo):
 
 
 def check_model(model, info: RunInfo) -> None:
-    """Checks input channels (2K+1 of the config's context) and output channels (modality).
+    """Checks spatial axes (``dims``), input channels (2K+1 of the config's context) and outputs.
 
     Raises:
         RunError: a mismatch; the message names the model file.
     """
-    from kerasunet.core.labels import OUTPUTS
-
+    if len(model.input_shape) - 2 != info.dims:
+        raise RunError(f"{info.model_path}: model takes {len(model.input_shape) - 2}D inputs "
+                       f"{tuple(model.input_shape)} but its config has dims={info.dims}")
     channels, expected = model.input_shape[-1], 2 * info.context + 1
     if channels != expected or channels != info.input_channels:
         raise RunError(f"{info.model_path}: model takes {channels} input channels but its config has "
                        f"context K={info.context} (expected 2K+1={expected}), "
                        f"input_channels={info.input_channels}")
-    outputs, names = model.output_shape[-1], OUTPUTS[info.modality]
+    outputs, names = model.output_shape[-1], info.outputs
     if outputs != len(names):
-        raise RunError(f"{info.model_path}: model has {outputs} output channels; a {info.modality} "
-                       f"model needs {len(names)} {names}")
+        raise RunError(f"{info.model_path}: model has {outputs} output channels; its config.json "
+                       f"names {len(names)} {names}")

@@ -50,9 +50,13 @@ def test_reader_normalises_with_case_stats_and_carries_uint8_labels(records, mod
     np.testing.assert_array_equal(y, np.stack([e["label"] for e in examples]))
     assert y.dtype == np.uint8 and y.max() == (2 if modality == "ct" else 1)
     # The steps' expansion on the device gives the multi-label targets of the numpy rule.
-    targets = targets_from_labels(y, modality).numpy()
-    assert targets.dtype == np.float32
-    np.testing.assert_array_equal(targets, targets_from_labels_np(y, modality))
+    outputs = read_manifest(out)["outputs"]
+    targets = targets_from_labels(y, outputs).numpy()
+    assert targets.dtype == np.float32 and targets.shape[-1] == len(outputs)
+    np.testing.assert_array_equal(targets, targets_from_labels_np(y, outputs))
+    # a tumour-only model trained on these labels (a cascade's second stage) takes the last column
+    if modality == "ct":
+        np.testing.assert_array_equal(targets_from_labels(y, ("tumour",), outputs).numpy(), targets[..., 1:])
 
 
 def test_static_shapes_and_pad_to_multiple(ct_records):
@@ -148,3 +152,27 @@ def test_verify_records_names_a_corrupt_shard(ct_records, tmp_path):
     shard.write_bytes(bytes(blob))
     (problem,) = verify_records(copy)
     assert problem.startswith(f"{shard}: SHA-256 mismatch")
+
+
+def test_shard_cut_at_a_record_boundary_stops_the_reader_and_is_named(ct_records, tmp_path):
+    import shutil
+    import struct
+
+    import tensorflow as tf
+
+    from kerasunet.train import unreadable_shard
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ct_records, copy)
+    manifest = read_manifest(copy)
+    entry = max(manifest["splits"]["train"]["shards"], key=lambda s: s["num_examples"])
+    assert entry["num_examples"] >= 2
+    shard = copy / entry["file"]
+    # Keep the first record whole (TFRecord: 8-byte length, 4-byte CRC, data, 4-byte CRC): to
+    # TFRecordDataset the cut file is a clean end of file with one example.
+    content = shard.read_bytes()
+    shard.write_bytes(content[:struct.unpack("<Q", content[:8])[0] + 16])
+    expected = rf"expected to contain {entry['num_examples']} elements but contained only 1 element"
+    with pytest.raises(tf.errors.FailedPreconditionError, match=expected) as caught:
+        _all(get_dataset(copy, "train", batch_size=2, training=False))
+    assert unreadable_shard(copy, manifest, "train", caught.value).startswith(f"{shard}: SHA-256 mismatch")

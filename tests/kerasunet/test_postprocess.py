@@ -5,6 +5,7 @@ import pytest
 
 from kerasunet.postprocess import PostprocessSettings, largest_component, postprocess
 
+CT, MRI = ("liver", "tumour"), ("tumour",)  # the structures each label map holds
 SPACING = (1.0, 1.0, 3.0)
 
 
@@ -19,7 +20,7 @@ def ct_labels():
 
 
 def test_ct_defaults_remove_distant_blobs_and_specks():
-    out = postprocess(ct_labels(), "ct", SPACING, PostprocessSettings())
+    out = postprocess(ct_labels(), CT, SPACING, PostprocessSettings())
     expected = np.zeros_like(out)
     expected[5:25, 5:25, 2:10] = 1
     expected[10:16, 10:16, 4:8] = 2
@@ -28,7 +29,7 @@ def test_ct_defaults_remove_distant_blobs_and_specks():
 
 def test_disabled_returns_a_copy_unchanged():
     labels = ct_labels()
-    out = postprocess(labels, "ct", SPACING, PostprocessSettings(enabled=False))
+    out = postprocess(labels, CT, SPACING, PostprocessSettings(enabled=False))
     np.testing.assert_array_equal(out, labels)
     assert out is not labels
 
@@ -36,13 +37,13 @@ def test_disabled_returns_a_copy_unchanged():
 def test_each_switch_on_its_own():
     labels = ct_labels()
     only_size = PostprocessSettings(largest_liver_component=False, tumour_in_liver=False)
-    out = postprocess(labels, "ct", SPACING, only_size)
+    out = postprocess(labels, CT, SPACING, only_size)
     assert out[33:37, 2:6, 2:6].all() and (out[34:36, 26:29, 8:10] == 2).all() and out[20, 20, 5] == 1
     no_size = PostprocessSettings(min_tumour_voxels=0)
-    out = postprocess(labels, "ct", SPACING, no_size)
+    out = postprocess(labels, CT, SPACING, no_size)
     assert out[20, 20, 5] == 2 and not out[33:37].any()
     component_only = PostprocessSettings(tumour_in_liver=False, min_tumour_voxels=0)
-    out = postprocess(labels, "ct", SPACING, component_only)
+    out = postprocess(labels, CT, SPACING, component_only)
     assert not out[33:37, 2:6, 2:6].any() and (out[34:36, 26:29, 8:10] == 2).all()
 
 
@@ -58,7 +59,7 @@ def test_tumour_near_the_liver_uses_the_dilation_in_mm(gap_axis, gap, dilation, 
     start = [15, 7, 3] if gap_axis == 0 else [7, 7, 8]
     start[gap_axis] += gap  # a separate tumour component, `gap` empty voxels away
     labels[tuple(slice(s, s + 3) for s in start)] = 2
-    out = postprocess(labels, "ct", SPACING, PostprocessSettings(liver_dilation_mm=dilation, min_tumour_voxels=0))
+    out = postprocess(labels, CT, SPACING, PostprocessSettings(liver_dilation_mm=dilation, min_tumour_voxels=0))
     assert (out == 2).any() == kept
     assert (out == 1).sum() == 10 * 10 * 6  # the liver itself is untouched
 
@@ -67,9 +68,9 @@ def test_mri_only_filters_small_tumours():
     labels = np.zeros((20, 20, 10), np.uint8)
     labels[2:6, 2:6, 2:5] = 1  # 48 voxels
     labels[15:17, 15:17, 7] = 1  # 4 voxels
-    out = postprocess(labels, "mri", SPACING, PostprocessSettings(min_tumour_voxels=10))
+    out = postprocess(labels, MRI, SPACING, PostprocessSettings(min_tumour_voxels=10))
     assert out.sum() == 48 and out[2:6, 2:6, 2:5].all()
-    assert postprocess(labels, "mri", SPACING, PostprocessSettings(min_tumour_voxels=4)).sum() == 52
+    assert postprocess(labels, MRI, SPACING, PostprocessSettings(min_tumour_voxels=4)).sum() == 52
 
 
 def test_largest_component_uses_full_connectivity_and_handles_empty():

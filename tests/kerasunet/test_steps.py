@@ -36,6 +36,7 @@ import tensorflow as tf
 from kerasunet import data, distribute
 from kerasunet.core.choices import LOSSES
 from kerasunet.core.labels import targets_from_labels_np
+from kerasunet.data import targets_from_labels
 from kerasunet.losses import get_loss
 from kerasunet.steps import make_train_step
 from kerasunet.train import TrainSettings, fit
@@ -48,7 +49,7 @@ labels = np.zeros((4, 8, 8), "uint8")  # what the reader delivers; the step expa
 labels[:, 1:6, 1:7] = 1  # liver
 labels[:2, 2:4, 2:4] = 2  # tumour (inside the liver) on the first replica's examples only
 labels[3, 4:6, 3:6] = 2
-y = targets_from_labels_np(labels, "ct")
+y = targets_from_labels_np(labels, NAMES)
 
 
 def tiny_model():
@@ -67,7 +68,8 @@ def distributed_step(strategy, name):
         model.set_weights(initial)
         optimizer = keras.optimizers.SGD(LR)
         optimizer.build(model.trainable_variables)
-    step = make_train_step(model, optimizer, get_loss(name, NAMES), [], strategy, "ct")
+    step = make_train_step(model, optimizer, get_loss(name, NAMES), [], strategy,
+                           lambda labels: targets_from_labels(labels, NAMES))
     batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, labels)))
     loss = float(step(iter(batches)))
     return {"loss": loss, "weights": [w.tolist() for w in model.get_weights()]}
@@ -101,7 +103,7 @@ for name in ("bce",):
                              augment=False, oversample_tumour=0.0, mixed_precision="off")
     result = fit(settings, progress=lines.append)
     model, loss_fn = result.model, get_loss(name, NAMES)
-    bx, by = batch[0], targets_from_labels_np(batch[1].numpy(), "ct")
+    bx, by = batch[0], targets_from_labels_np(batch[1].numpy(), NAMES)
     val_reference = float(loss_fn(by, model(bx, training=False)))  # before training=True moves BatchNorm
     halves = tf.concat([model(bx[:2], training=True), model(bx[2:], training=True)], axis=0)
     history[name] = {"row": result.history[0], "train_reference": float(loss_fn(by, halves)),

@@ -69,7 +69,7 @@ def test_run_folder_holds_the_contract(learned, ct_records):
         [h["val_loss"] for h in result.history], rel=1e-6)
     assert set(tensorboard_scalars(run / "logs" / "train")) >= {"loss", "dice_liver", "iou_tumour", "lr"}
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == {"input_channels": 1, "num_outputs": 2, "filters": 4, "depth": 2, "dropout": 0.0}
+    assert config["model"] == {"input_channels": 1, "num_outputs": 2, "outputs": ["liver", "tumour"], "filters": 4, "depth": 2, "dropout": 0.0}
     assert set(config["data"]) == {"modality", "context", "norm", "image_size", "records", "manifest_sha256"}
     assert config["data"]["modality"] == "ct" and config["data"]["image_size"] == [32, 32]
     import hashlib
@@ -108,7 +108,7 @@ def validation_scores(run_dir, ct_records):
     loss_fn, metrics = get_loss("bce_dice", ("liver", "tumour")), metrics_for(("liver", "tumour"))
     total = count = 0.0
     for x, labels in get_dataset(ct_records, "val", 8, training=False, image_size=(32, 32)):
-        y, pred = targets_from_labels(labels, "ct"), model(x, training=False)
+        y, pred = targets_from_labels(labels, ("liver", "tumour")), model(x, training=False)
         total += float(loss_fn(y, pred)) * len(x)
         count += len(x)
         for metric in metrics:
