@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q -n 2   # two workers: CI has 2 cores and much of a test is Python
 	sh tests/run_jax.sh $(BIN)/python   # the model code again, under KERAS_BACKEND=jax
 
 demo: $(STAMP)
