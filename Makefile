@@ -24,10 +24,22 @@ test: $(STAMP)
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m cli.demo
 
+# Every benchmark with quick arguments (about 10 minutes on 2 cores); each prints its ratio last.
+# benchmarks/README.md gives the full-size commands. peer_torch says it is skipped without PyTorch.
 bench: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python benchmarks/input_pipeline.py
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python benchmarks/train_step.py
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python benchmarks/predict.py
+	export TF_CPP_MIN_LOG_LEVEL=2; set -e; \
+	$(BIN)/python benchmarks/input_pipeline.py --slices 128 --rounds 1 --train-steps 0; \
+	$(BIN)/python benchmarks/train_step.py --quick --configs 128; \
+	$(BIN)/python benchmarks/predict.py --slices 32 --rounds 1; \
+	$(BIN)/python benchmarks/peer_torch.py --quick --configs 128; \
+	$(BIN)/python benchmarks/scaling.py --build-cases 2 --build-size 128 --rounds 1; \
+	$(BIN)/python benchmarks/metrics.py --size 128 --slices 64; \
+	$(BIN)/python benchmarks/memory.py --sizes 8x32x32,16x64x64 --filters 4 --depth 2; \
+	$(BIN)/python benchmarks/build.py --cases 4 --size 64 --slices 12,16; \
+	$(BIN)/python benchmarks/dicom_build.py --size 128 --slices 32 --repeats 1; \
+	$(BIN)/python benchmarks/serving.py --size 64 --slices 16 --filters 8 --depth 3; \
+	out=$$(mktemp -d); XLA_FLAGS=--xla_backend_optimization_level=0 $(BIN)/python benchmarks/gpu.py \
+	  --sizes 16 --filters 2 --depth 1 --batch 2 --steps 1 --warmup 1 --out $$out; rm -rf $$out
 
 clean:
 	rm -rf $(VENV) demo_output build *.egg-info

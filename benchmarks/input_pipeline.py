@@ -57,7 +57,7 @@ def memmap_rate(records_dir: Path, batch: int, targets: bool) -> float:
     ``targets`` expanded into float32 multi-label targets.
     """
     from kerasunet.data import load_split_examples
-    from kerasunet.core.labels import targets_from_labels_np
+    from kerasunet.core.labels import OUTPUTS, targets_from_labels_np
 
     examples = list(load_split_examples(records_dir, "train"))
     stats = examples[0]["norm_stats"]
@@ -78,7 +78,7 @@ def memmap_rate(records_dir: Path, batch: int, targets: bool) -> float:
         x = (np.clip(images[b:b + batch], lo, hi) - mean) / std
         y = np.array(labels[b:b + batch])
         if targets:
-            y = targets_from_labels_np(y, "ct")
+            y = targets_from_labels_np(y, OUTPUTS["ct"])
         checksum += float(x[0, 0, 0, 0]) + float(y.flat[0])  # keep the work observable
     return (len(examples) // batch * batch) / (time.perf_counter() - start)
 
@@ -92,6 +92,52 @@ def dataset_rate(ds, batches: int) -> float:
         x, _ = next(it)
         n += int(x.shape[0])
     return n / (time.perf_counter() - start)
+
+
+def stage_readers(records_dir: Path, batch: int) -> dict:
+    """The reader's fast path (no augmentation) built up stage by stage, for ``--profile``.
+
+    Each entry adds one stage to the one before; the last is ``get_dataset`` itself.
+    """
+    import tensorflow as tf
+
+    from kerasunet.core.preprocessing import normalize
+    from kerasunet.data import get_dataset, read_manifest
+    from tfrecords_builder.features import PARSE_SPEC, decode_example, parse_examples
+
+    byte_keys = ("image/encoded", "image/segmentation/class/encoded")
+
+    manifest = read_manifest(records_dir)
+    files = [str(records_dir / s["file"]) for s in manifest["splits"]["train"]["shards"]]
+    normalize_xla = tf.function(normalize, jit_compile=True)
+
+    def records(buffer_mb=None):
+        ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=buffer_mb and buffer_mb << 20),
+            cycle_length=min(len(files), 8), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        return ds.repeat().shuffle(256, seed=0).batch(batch, drop_remainder=True)
+
+    def mapped(fn):
+        return records().map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).prefetch(2)
+
+    def decoded(serialized):
+        ex = decode_example(parse_examples(serialized), 1)
+        return ex["image"], ex["label"], ex["norm_stats"]
+
+    def normalised(serialized):
+        image, label, stats = decoded(serialized)
+        return normalize_xla(image, stats), label
+
+    return {
+        "read + shuffle + batch the serialised records": lambda: records().map(lambda s: (s, s)).prefetch(2),
+        "the same, 16 MiB read buffer": lambda: records(16).map(lambda s: (s, s)).prefetch(2),
+        "+ parse_example": lambda: mapped(lambda s: (parse_examples(s)["image/encoded"], s)),
+        "+ parse_example, the two byte features only": lambda: mapped(
+            lambda s: tuple(tf.io.parse_example(s, {k: PARSE_SPEC[k] for k in byte_keys}).values())),
+        "+ decode_raw": lambda: mapped(lambda s: decoded(s)[:2]),
+        "+ normalise (one XLA kernel)": lambda: mapped(normalised),
+        "get_dataset": lambda: get_dataset(records_dir, "train", batch, training=True, repeat=True, seed=0),
+    }
 
 
 def train_step_rate(batch: int, steps: int) -> float | None:
@@ -121,6 +167,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3,
                         help="each reader is timed once per round, in turn; the best round counts")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time the reader's fast path stage by stage (no augmentation)")
     args = parser.parse_args()
 
     from kerasunet.augment import AugmentSettings
@@ -145,6 +193,9 @@ def main() -> None:
             "tf.data reader, no augmentation": lambda: dataset_rate(plain, batches),
             "tf.data reader, augmentation": lambda: dataset_rate(augmented, batches),
         }
+        if args.profile:
+            readers |= {f"profile: {name}": (lambda make=make: dataset_rate(make(), batches))
+                        for name, make in stage_readers(tmp / "rec", args.batch).items()}
         # Interleaved rounds, best of each: on a shared machine the other jobs' load moves
         # every figure, and the best round is the one least disturbed.
         rates = {name: 0.0 for name in readers}
@@ -158,7 +209,7 @@ def main() -> None:
     print(f"\ninput pipeline at {SIZE}x{SIZE}, {n} slices, batch {args.batch}, {os.cpu_count()} CPUs "
           f"(build: {n / build_s:.0f} slices/s), best of {args.rounds} rounds")
     for name, rate in rates.items():
-        print(f"  {name:<40s} {rate:8.1f} slices/s")
+        print(f"  {name:<55s} {rate:8.1f} slices/s")
     ratio = rates["tf.data reader, no augmentation"] / rates["numpy memmap reader, uint8 labels"]
     print(f"tf.data reader / numpy memmap reader (both uint8 labels, no augmentation): {ratio:.2f}x")
 

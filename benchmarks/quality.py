@@ -17,6 +17,11 @@ One run does everything, in ``--out`` (a temporary folder by default):
    them (``lits2017``): liver and tumour Dice per case, lesion recall (IoU > 0.5) and
    precision. Last, the lesion filter (:mod:`kerasunet.lesion_filter`) is fitted on the
    validation cases' lesions and applied to kerasunet's held-out predictions.
+6. The liver-ROI cascade (:mod:`kerasunet.cascade`): stage 1 is the kerasunet run of step 3,
+   stage 2 ``train --stage tumour --liver-model`` with its defaults (``--roi-size`` the
+   phantoms' size, 10 mm margin) for the epochs that fit one more budget; scored as above,
+   with and without a lesion filter fitted on its own validation lesions. The cascade has
+   therefore used two budgets (stage 1 and stage 2); the table says so.
 
 The budget: ``--minutes`` of wall time on all the machine's cores, i.e. ``minutes x 60 x
 cores`` seconds of this process's CPU time (``time.process_time``, every thread), so a busy
@@ -89,7 +94,7 @@ def train_baseline(records: Path, size: int, filters: int, cpu_budget: float, se
     """Trains :func:`plain_unet` on every slice of the records (train and val) until the budget is spent."""
     import keras
 
-    from kerasunet.core.labels import targets_from_labels_np
+    from kerasunet.core.labels import OUTPUTS, targets_from_labels_np
     from kerasunet.data import get_dataset, read_manifest
 
     manifest = read_manifest(records)
@@ -99,7 +104,7 @@ def train_baseline(records: Path, size: int, filters: int, cpu_budget: float, se
         batches = get_dataset(records, split, 64, training=False, image_size=(size, size))
         for x, labels in batches.as_numpy_iterator():  # the reader gives uint8 label maps
             xs.append(x)
-            ys.append(targets_from_labels_np(labels, manifest["modality"]))
+            ys.append(targets_from_labels_np(labels, OUTPUTS[manifest["modality"]]))
     x, y = np.concatenate(xs), np.concatenate(ys)
     keras.utils.set_random_seed(seed)
     model = plain_unet(x.shape[-1], y.shape[-1], filters)
@@ -122,19 +127,24 @@ def train_baseline(records: Path, size: int, filters: int, cpu_budget: float, se
 
 # --- kerasunet -------------------------------------------------------------------------------
 
-def train_kerasunet(records: Path, out: Path, size: int, filters: int, cpu_budget: float):
-    """kerasunet ``train`` defaults (but filters and image size) for the epochs that fit ``cpu_budget``."""
+def train_kerasunet(records: Path, out: Path, size: int, filters: int, cpu_budget: float, name: str = "kerasunet",
+                    **cascade):
+    """kerasunet ``train`` defaults (but filters and image size) for the epochs that fit ``cpu_budget``.
+
+    ``cascade``: the stage-2 settings (``stage``, ``liver_model``, ``roi_size``) of a cascade
+    run, which then has no ``image_size`` (its input is the ROI).
+    """
     from kerasunet.train import train
     from kerasunet.train_settings import TrainSettings
 
-    common = dict(records=str(records), filters=filters, image_size=(size, size))
+    common = dict(records=str(records), filters=filters, **(cascade or {"image_size": (size, size)}))
     start = time.process_time()
-    train(TrainSettings(out=str(out / "calibration"), epochs=1, **common), progress=lambda line: None)
+    train(TrainSettings(out=str(out / f"{name}-calibration"), epochs=1, **common), progress=lambda line: None)
     per_epoch = time.process_time() - start  # startup and tracing included: an upper bound
     epochs = max(1, int(cpu_budget // per_epoch))
-    print(f"  calibration: {per_epoch:.0f} CPU s for one epoch -> {epochs} epochs", flush=True)
+    print(f"  {name} calibration: {per_epoch:.0f} CPU s for one epoch -> {epochs} epochs", flush=True)
     start, wall = time.process_time(), time.perf_counter()
-    run = train(TrainSettings(out=str(out / "kerasunet"), epochs=epochs, **common),
+    run = train(TrainSettings(out=str(out / name), epochs=epochs, **common),
                 progress=lambda line: print("  " + line, flush=True) if " done in " in line else None)
     return run, {"cpu_s": time.process_time() - start, "wall_s": time.perf_counter() - wall, "epochs": epochs}
 
@@ -167,11 +177,12 @@ def scores(predictions, labels_of=lambda p: p[3]) -> dict:
             "true_lesions": t["truth_lesions"], "pred_lesions": t["pred_lesions"]}
 
 
-def lesion_filter_effect(model, info, records: Path, predictions) -> dict:
-    """Thresholds fitted on the validation cases' lesions, applied to the held-out predictions."""
+def lesion_filter_effect(model, info, records: Path, predictions, path: Path) -> dict:
+    """Thresholds fitted on the validation cases' lesions, applied to the held-out predictions and
+    written to ``path`` (a ``--lesion-filter`` file for ``predict`` and ``evaluate``)."""
     from kerasunet.core.cases import case_from_entry
     from kerasunet.data import read_manifest
-    from kerasunet.lesion_filter import case_candidates, filter_lesions, fit_lesion_filter
+    from kerasunet.lesion_filter import case_candidates, filter_lesions, fit_lesion_filter, write_lesion_filter
 
     manifest = read_manifest(records)
     val = [case_from_entry(c, manifest["cases"][c]) for c in manifest["splits"]["val"]["cases"]]
@@ -180,6 +191,7 @@ def lesion_filter_effect(model, info, records: Path, predictions) -> dict:
         found, n = case_candidates(labels, probs[..., 1], volume.data, volume.spacing, truth, case_id)
         candidates, n_truth = candidates + found, n_truth + n
     thresholds = fit_lesion_filter(candidates, n_truth)
+    write_lesion_filter(path, thresholds)
     filtered = [filter_lesions(p[3], p[4][..., 1], p[1].data, p[1].spacing, thresholds) for p in predictions]
     after = scores([(*p, f) for p, f in zip(predictions, filtered)], labels_of=lambda p: p[5])
     return {"thresholds": thresholds.to_dict(), "validation_lesions": n_truth,
@@ -238,10 +250,25 @@ def main(argv=None) -> dict:
                "baseline": scores(segment(b_model, b_info, test_cases))}
     results["kerasunet"] |= k_stats
     results["baseline"] |= {"wall_s": b_wall, **b_stats}
-    results["lesion_filter"] = lesion_filter_effect(k_model, info, records, k_pred)
+    results["lesion_filter"] = lesion_filter_effect(k_model, info, records, k_pred, out / "lesion_filter.json")
+    results |= cascade_arm(records, out, args, budget, run, test_cases)
     report(results, args)
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def cascade_arm(records: Path, out: Path, args, budget: float, liver_run: Path, test_cases) -> dict:
+    """Stage 2 of the cascade on ``liver_run`` for one more budget; its scores and lesion filter."""
+    from kerasunet.core.runs import resolve_run
+    from kerasunet.predict import load_predictor
+
+    stage2, stats = train_kerasunet(records, out, args.size, args.filters, budget, "cascade-tumour", stage="tumour",
+                                    liver_model=str(liver_run), roi_size=(args.size, args.size))
+    model, info = load_predictor(resolve_run(stage2))
+    predictions = segment(model, info, test_cases)
+    return {"cascade": scores(predictions) | stats,
+            "cascade_lesion_filter": lesion_filter_effect(model, info, records, predictions,
+                                                          out / "cascade_lesion_filter.json")}
 
 
 def report(results: dict, args) -> None:
@@ -251,7 +278,9 @@ def report(results: dict, args) -> None:
     print(f"{'model':<27}{'liver Dice/case':>16}{'tumour Dice/case':>17}{'lesion recall':>15}"
           f"{'lesion precision':>17}{'lesions':>8}{'epochs':>7}{'CPU s':>7}{'wall s':>7}")
     rows = [("kerasunet defaults", results["kerasunet"]), ("plain U-Net baseline", results["baseline"]),
-            ("kerasunet + lesion filter", {**results["kerasunet"], **results["lesion_filter"]["after"]})]
+            ("kerasunet + lesion filter", {**results["kerasunet"], **results["lesion_filter"]["after"]}),
+            ("cascade (stage 2 budget)", results["cascade"]),
+            ("cascade + lesion filter", {**results["cascade"], **results["cascade_lesion_filter"]["after"]})]
     for name, r in rows:
         print(f"{name:<27}{r['liver_dice']:>16.3f}{r['tumour_dice']:>17.3f}"
               f"{r['lesion_recall']:>8.2f} / {r['lesion_recall_gt0']:.2f}"
@@ -260,9 +289,12 @@ def report(results: dict, args) -> None:
     print(f"true lesions: {results['kerasunet']['true_lesions']}")
     print(f"lesion filter thresholds (fitted on {results['lesion_filter']['validation_candidates']} validation "
           f"candidates): {results['lesion_filter']['thresholds']}")
+    print(f"cascade lesion filter thresholds (fitted on {results['cascade_lesion_filter']['validation_candidates']} "
+          f"validation candidates): {results['cascade_lesion_filter']['thresholds']}")
     base = results["baseline"]["tumour_dice"]
-    ratio = results["kerasunet"]["tumour_dice"] / base if base > 0 else math.inf
-    print(f"tumour Dice ratio kerasunet / baseline: {ratio:.2f}")
+    for name in ("kerasunet", "cascade"):
+        ratio = results[name]["tumour_dice"] / base if base > 0 else math.inf
+        print(f"tumour Dice ratio {name} / baseline: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def from_records(tmp: Path, size: int, batch: int, steps: int) -> dict:
     build_records(settings)
     # model.fit needs the float32 targets; kerasunet's own loop expands the uint8 labels in its step
     dataset = get_dataset(settings.out, "train", batch, training=True, repeat=True, seed=0).map(
-        lambda x, labels: (x, targets_from_labels(labels, "ct")))
+        lambda x, labels: (x, targets_from_labels(labels, NAMES)))
     return {"x": dataset, "steps_per_epoch": steps}
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from cli.predict import postprocess_options, postprocess_settings
+from cli.predict import lesion_filter_option, postprocess_options, postprocess_settings
+from kerasunet.core.labels import check_outputs
 from kerasunet.core.preprocessing import MODALITIES
 from kerasunet.evaluate import EvaluateError, EvaluateSettings, evaluate as run_evaluation, name_models
 from kerasunet.core.cases import LAYOUTS
@@ -26,6 +27,9 @@ from kerasunet.core.runs import RunError
               help="With --pred: the true label maps, matched to the predictions by file name.")
 @click.option("--modality", type=click.Choice(MODALITIES), default="ct", show_default=True,
               help="With --pred: label values of the masks (ct: 1 liver, 2 tumour; mri: 1 tumour).")
+@click.option("--structures", default=None, metavar="LIST",
+              help="With --pred: the structures the masks hold, comma-separated, valued 1, 2, ... in "
+                   "that order (liver,tumour for ATLAS MRI masks) [default: the modality's].")
 @click.option("--convention", type=click.Choice(CONVENTIONS), default=None,
               help="Scoring convention: lits2017 (the LiTS organisers' program) or medpy "
                    "[default: lits2017 for CT, medpy for MRI].")
@@ -49,7 +53,8 @@ from kerasunet.core.runs import RunError
 @click.option("--series", default=None, metavar="UID",
               help="DICOM: the SeriesInstanceUID to read where a folder holds several series.")
 @click.pass_context
-def evaluate(ctx, models, pred_dir, truth_dir, modality, convention, records_dir, input_dir, out_dir, split,
+def evaluate(ctx, models, pred_dir, truth_dir, modality, structures, convention, records_dir, input_dir, out_dir,
+             split,
              n_overlays, batch_size, tta, threshold, phase, layout, series, **postprocess):
     """Evaluate models on held-out volumes: metrics.csv, summary.json, report.md, overlays/.
 
@@ -57,16 +62,19 @@ def evaluate(ctx, models, pred_dir, truth_dir, modality, convention, records_dir
     With --pred DIR --truth DIR, masks made by any tool are scored instead.
     """
     if pred_dir is not None or truth_dir is not None:
-        summary = score_mask_folders(ctx, models, pred_dir, truth_dir, modality, convention, out_dir)
+        summary = score_mask_folders(ctx, models, pred_dir, truth_dir, modality, structures, convention, out_dir)
         echo_summary(summary, out_dir)
         return
+    if structures is not None:
+        raise click.UsageError("--structures applies to --pred/--truth; a model's run names its own")
     if not models:
         raise click.UsageError("give --model (repeatable), or --pred DIR --truth DIR to score masks")
     if (records_dir is None) == (input_dir is None):
         raise click.UsageError("give --records DIR (a records folder) or --input DIR (volumes with labels)")
     if input_dir is not None and ctx.get_parameter_source("split") is not ParameterSource.DEFAULT:
         raise click.UsageError("--split applies to --records only")
-    predict = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold,
+    lesion_filter = lesion_filter_option(postprocess.pop("lesion_filter"))
+    predict = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold, lesion_filter=lesion_filter,
                               postprocess=postprocess_settings(**postprocess), phase=phase, layout=layout,
                               series=series)
     settings = EvaluateSettings(predict=predict, n_overlays=n_overlays, split=split, convention=convention)
@@ -79,7 +87,7 @@ def evaluate(ctx, models, pred_dir, truth_dir, modality, convention, records_dir
     echo_summary(summary, out_dir)
 
 
-def score_mask_folders(ctx, models, pred_dir, truth_dir, modality, convention, out_dir) -> dict:
+def score_mask_folders(ctx, models, pred_dir, truth_dir, modality, structures, convention, out_dir) -> dict:
     """``--pred``/``--truth``: scores two folders of label maps (no model runs)."""
     from kerasunet.lits_scoring import ScoringError, score_folders
 
@@ -90,8 +98,12 @@ def score_mask_folders(ctx, models, pred_dir, truth_dir, modality, convention, o
     if clash:
         raise click.UsageError("--pred/--truth score existing masks; drop --model, --records and --input")
     try:
+        outputs = check_outputs(s.strip() for s in structures.split(",")) if structures else None
+    except ValueError as exc:
+        raise click.UsageError(f"--structures {structures}: {exc}") from None
+    try:
         return score_folders(pred_dir, truth_dir, out_dir, convention=convention, modality=modality,
-                             progress=click.echo)
+                             progress=click.echo, outputs=outputs)
     except (ScoringError, VolumeError, ValueError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None
 

@@ -39,10 +39,14 @@ def experiment():
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed (repeat r uses seed + 1000 r).")
 @click.option("--workers", type=click.IntRange(min=1), default=DEFAULT_WORKERS, show_default=True,
               help="Processes for building records.")
-def transfer(**options):
+@click.option("--dims", default=None, metavar="LIST",
+              help="Run the experiment once per arm and compare them: 2 (slices), 2.5 (context 2), 3 (patches of "
+                   "volume records), comma-separated, e.g. 2,2.5,3; arms go to OUT/arms/, the comparison to "
+                   "OUT/dims_report.md (docs/3d.md).")
+def transfer(dims, **options):
     """Pretrain on CT, train A (scratch), B (init) and C (freeze) on MRI, evaluate, report."""
     try:
-        settings = ExperimentSettings(**options)
+        settings = ExperimentSettings(**options, dims=tuple(d.strip() for d in dims.split(",")) if dims else ())
         settings.hyperparameters()
         report = run_experiment(settings, progress=click.echo)
     except ValueError as exc:  # every library error of the stages is a ValueError subclass

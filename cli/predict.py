@@ -10,7 +10,7 @@ from click.core import ParameterSource
 from kerasunet.core.cases import LAYOUTS
 from kerasunet.core.nifti import VolumeError
 from kerasunet.postprocess import PostprocessSettings
-from kerasunet.predict import ENGINES, PredictSettings, predict_path, predict_path_served
+from kerasunet.predict import ENGINES, OUTPUT_FORMATS, PredictSettings, predict_path, predict_path_served
 from kerasunet.core.runs import RunError
 from kerasunet.serving_client import GRPC_SCHEME, ServingError
 
@@ -27,12 +27,27 @@ def postprocess_options(command):
                      help="CT: drop tumour farther than --liver-dilation-mm from the kept liver."),
         click.option("--liver-dilation-mm", type=click.FloatRange(min=0), default=_DEFAULTS.liver_dilation_mm,
                      show_default=True, help="CT: the margin around the liver for --tumour-in-liver, in mm."),
+        click.option("--lesion-filter", type=click.Path(path_type=Path), default=None,
+                     help="JSON thresholds on per-lesion features (kerasunet.lesion_filter); lesions failing "
+                          "them are dropped after post-processing."),
         click.option("--min-tumour-voxels", type=click.IntRange(min=0), default=_DEFAULTS.min_tumour_voxels,
                      show_default=True, help="Drop tumour components smaller than this (0 keeps all)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def lesion_filter_option(path):
+    """The ``--lesion-filter`` thresholds (None without the option); a bad file is a one-line error."""
+    if path is None:
+        return None
+    from kerasunet.lesion_filter import read_lesion_filter
+
+    try:
+        return read_lesion_filter(path)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tumour_in_liver: bool,
@@ -63,8 +78,11 @@ def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tu
                    "(LiTS), CASE/prediction.nii.gz (MRI) or the case's label file name (other layouts).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Slices per model call (with --server: per request).")
+@click.option("--patch-batch-size", type=click.IntRange(min=1), default=PredictSettings.patch_batch_size,
+              show_default=True, help="3D models: sliding windows per model call (with --server: per request).")
 @click.option("--tta/--no-tta", default=False, show_default=True,
-              help="Average over flips (none, height, width, both); 4x slower. Local --model only.")
+              help="Average over flips (none, height, width, both; 3D: the 8 flips of D, H, W); 4x (8x) slower. "
+                   "Local --model only.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Probability at or above which a voxel is foreground.")
 @click.option("--probabilities", is_flag=True,
@@ -77,13 +95,16 @@ def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tu
               help="DICOM: the SeriesInstanceUID to read when a folder holds several series.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="With --server: seconds to wait for each answer.")
+@click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="nifti", show_default=True,
+              help="nifti: masks as .nii.gz; dicom-seg: for DICOM series input, a DICOM Segmentation (.dcm) "
+                   "referencing the series, one segment per structure (needs the dicom extra).")
 @click.option("--engine", type=click.Choice(ENGINES), default="keras", show_default=True,
               help="Local --model: keras (the run's .keras model) or onnx (the model.onnx of `kerasunet export "
                    "--format onnx`, or a folder holding one, run by onnxruntime without TensorFlow; faster on CPU).")
 @click.pass_context
 def predict(ctx, model_path, server, model_name, model_version, model_label, grpc_max_message_mb, input_path,
-            output_path, batch_size, tta, threshold, probabilities, phase, layout, series, timeout, engine,
-            **postprocess):
+            output_path, batch_size, patch_batch_size, tta, threshold, probabilities, phase, layout, series, timeout, engine,
+            output_format, **postprocess):
     """Segment volumes; masks keep the input's own affine, shape and orientation.
 
     Post-processing (default on; after Chlebus et al. 2018): CT keeps the largest 3D liver
@@ -96,10 +117,11 @@ def predict(ctx, model_path, server, model_name, model_version, model_label, grp
     """
     _check_source(ctx, model_path, server, model_name, model_version, tta)
     _check_server_options(server, model_version, model_label, grpc_max_message_mb)
-    settings = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold,
-                               postprocess=postprocess_settings(**postprocess),
+    lesion_filter = lesion_filter_option(postprocess.pop("lesion_filter"))
+    settings = PredictSettings(batch_size=batch_size, patch_batch_size=patch_batch_size, tta=tta, threshold=threshold,
+                               postprocess=postprocess_settings(**postprocess), lesion_filter=lesion_filter,
                                save_probabilities=probabilities, phase=phase, layout=layout, series=series,
-                               engine=engine)
+                               engine=engine, output_format=output_format)
     try:
         if server:
             max_bytes = None if grpc_max_message_mb is None else int(grpc_max_message_mb * 2**20)

@@ -25,6 +25,18 @@ def _pair(ctx, param, value):
     return (lo, hi)
 
 
+def _spacing(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        spacing = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        spacing = ()
+    if len(spacing) != 3:
+        raise click.BadParameter(f"Expected D,H,W (three numbers in mm). Received: {value!r}")
+    return spacing
+
+
 def _names(ctx, param, value):
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
@@ -95,6 +107,13 @@ def _echo_summary(manifest: dict) -> None:
                    "(DirectRunner, Dataflow, Flink, Spark; see docs/scaling.md).")
 @click.option("--beam-options", default="", help="Beam pipeline options, passed to Beam unchanged, "
                                                  "e.g. \"--runner=DataflowRunner --project=P --region=R\".")
+@click.option("--volumes", is_flag=True,
+              help="One example per case: the volume cropped around the liver, for 3D training (docs/3d.md).")
+@click.option("--crop-margin-mm", default=20.0, show_default=True, type=click.FloatRange(min=0),
+              help="With --volumes: margin around the liver's bounding box, in mm.")
+@click.option("--spacing", callback=_spacing, default=None, metavar="D,H,W",
+              help="With --volumes: resample to this voxel size in mm, D the slice axis, H,W in-plane "
+                   "(e.g. 3,1.2,1.2) [default: each case's own].")
 @click.pass_context
 def build_records(ctx, lits, mri, input_dir, layout, out, **options):
     """Validates cases (NIfTI or DICOM, in any layout) and writes sharded TFRecords with a manifest.json."""
@@ -115,6 +134,10 @@ def build_records(ctx, lits, mri, input_dir, layout, out, **options):
                                "in --beam-options (e.g. --direct_num_workers=2).")
     if options["beam_options"] and options["engine"] != "beam":
         raise click.UsageError("--beam-options needs --engine beam.")
+    volume_only = [f"--{n.replace('_', '-')}" for n in ("crop_margin_mm", "spacing")
+                   if ctx.get_parameter_source(n).name != "DEFAULT"]
+    if volume_only and not options["volumes"]:
+        raise click.UsageError(f"{', '.join(volume_only)} needs --volumes.")
     try:
         source = lits or mri or input_dir
         dataset = "lits" if lits else "mri" if mri else layout or detect_layout(input_dir, options["phase"])
@@ -149,9 +172,11 @@ def inspect_records(records_dir, show, split, out):
         if problems:
             raise click.ClickException(f"{len(problems)} shard(s) failed verification; first: {problems[0]}")
         click.echo(f"verified {sum(len(e['shards']) for e in manifest['splits'].values())} shards: OK")
+        if show and manifest.get("kind") == "volumes":
+            raise click.ClickException(f"{records_dir}: holds volume records; --show draws slice records")
         if show:
             split = split or next(iter(manifest["splits"]))
             examples = list(load_split_examples(records_dir, split, limit=show))
-            click.echo(f"wrote {save_example_grid(examples, manifest['modality'], out)}")
+            click.echo(f"wrote {save_example_grid(examples, manifest.get('outputs') or manifest['modality'], out)}")
     except RecordsError as exc:
         raise click.ClickException(str(exc)) from None

@@ -8,7 +8,7 @@ import re
 import click
 
 from kerasunet.core.choices import LOSSES, MODES, PRECISIONS, SCHEDULES
-from kerasunet.train_settings import MONITORS, PRESETS, TrainError, TrainSettings, settings_from_options
+from kerasunet.train_settings import MONITORS, PRESETS, STAGES, TrainError, TrainSettings, settings_from_options
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
 
@@ -20,6 +20,15 @@ def _parse_size(ctx, param, value):
     if match is None:
         raise click.BadParameter(f"expected HxW, e.g. 256x256. Received: {value!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+def _parse_patch(ctx, param, value):
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+)[xX](\d+)[xX](\d+)", value.strip())
+    if match is None:
+        raise click.BadParameter(f"expected DxHxW, e.g. 48x128x128. Received: {value!r}")
+    return tuple(int(v) for v in match.groups())
 
 
 def _option(*decls, name: str, **kwargs):
@@ -59,6 +68,19 @@ def _option(*decls, name: str, **kwargs):
 @_option("--preset", name="preset", type=click.Choice(sorted(PRESETS)),
          help="Start from named settings (paper: the research's); options given still apply.")
 @_option("--resume", name="resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@_option("--dims", name="dims", type=click.IntRange(2, 3),
+         help="2: slices (2D/2.5D U-Net); 3: patches of volume records (build-records --volumes).")
+@_option("--patch-size", name="patch_size", callback=_parse_patch,
+         help="With --dims 3: DxHxW training patch in voxels, D the slice axis, e.g. 48x128x128.")
+@_option("--memory-budget", name="memory_budget", type=click.FloatRange(min=0, min_open=True),
+         help="With --dims 3: GiB a training step may use [default: the GPU's memory, 8 on CPU].")
+@_option("--stage", name="stage", type=click.Choice(STAGES),
+         help="all: whole slices; tumour: a cascade's second stage, tumour on the liver ROI of --liver-model.")
+@_option("--liver-model", name="liver_model", help="With --stage tumour: the stage-1 run (outputs liver).")
+@click.option("--roi-size", "roi_size", default="x".join(map(str, _DEFAULTS["roi_size"])), show_default=True,
+              callback=_parse_size, help="With --stage tumour: HxW the liver ROI is resized to.")
+@_option("--roi-margin-mm", name="roi_margin_mm", type=click.FloatRange(min=0),
+         help="With --stage tumour: margin around the liver's box, mm.")
 @click.pass_context
 def train(ctx, **options):
     """Train a U-Net on a records folder and write a run folder (see kerasunet.core.runs)."""

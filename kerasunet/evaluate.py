@@ -10,6 +10,13 @@ evaluated. Every model segments the same cases through :func:`kerasunet.predict.
 
 ``out_dir`` receives (all written atomically):
 
+Scores are per structure: the structures the labels hold (the records manifest's ``outputs``
+or the layout's, ``kerasunet.core.cases.Dataset.outputs``) that every model segments
+(``RunInfo.outputs``): liver and tumour for CT and for an ATLAS-like MRI set with two-output
+models, tumour for FZMC or for a tumour-only model on liver-and-tumour labels (its liver
+label reads as background). Each model's mask is re-valued to those structures
+(``kerasunet.core.labels.relabel_np``) before it is scored.
+
 * ``metrics.csv``: one row per case and model, with the metric convention
   (``settings.convention``: ``lits2017``, the LiTS organisers' scoring and the default for CT,
   or ``medpy``, the default for MRI; ``kerasunet.lits_metrics``); per structure Dice, VOE,
@@ -27,7 +34,7 @@ evaluated. Every model segments the same cases through :func:`kerasunet.predict.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,10 +44,11 @@ from kerasunet.core.atomic import atomic_path, write_csv, write_json
 from kerasunet.figures import overlay_figure, pick_slice
 from kerasunet.lits_metrics import check_convention, default_convention
 from kerasunet.lits_scoring import (convention_note, csv_rows, finite_or_none, fmt, metrics_row, metrics_section,
-                                    score_volume, summarize_cases)
+                                    score_volume, summarize_cases, summary_outputs)
 from kerasunet.core.cases import MISSING_LABEL, CaseError, CaseFiles, case_from_entry, load_case, open_dataset
-from kerasunet.predict import PredictSettings, load_predictor, predict_volume
-from kerasunet.core.labels import OUTPUTS
+from kerasunet.lesion_filter import report_section as lesion_filter_section
+from kerasunet.predict import PredictSettings, final_labels, load_predictor, predict_volume
+from kerasunet.core.labels import relabel_np, shared_outputs
 from kerasunet.core.preprocessing import case_stats, normalize_np
 from kerasunet.core.records_format import MANIFEST_FILE
 
@@ -89,7 +97,8 @@ def name_models(paths) -> dict[str, Path]:
 
 
 def find_eval_cases(data, split: str = "test", phase: str = "artery", records: bool | None = None,
-                    layout: str | None = None, series: str | None = None) -> tuple[str, list[CaseFiles], list[dict]]:
+                    layout: str | None = None,
+                    series: str | None = None) -> tuple[str, list[CaseFiles], list[dict], tuple[str, ...]]:
     """The labelled cases of a records folder's split or of a volume folder.
 
     Args:
@@ -102,7 +111,8 @@ def find_eval_cases(data, split: str = "test", phase: str = "artery", records: b
         series: SeriesInstanceUID to read from DICOM folders that hold several series.
 
     Returns:
-        ``(modality, cases, skipped)`` with ``skipped`` a list of ``{"case", "reason"}``.
+        ``(modality, cases, skipped, outputs)`` with ``skipped`` a list of ``{"case", "reason"}``
+        and ``outputs`` the structures the labels hold.
 
     Raises:
         EvaluateError: ``data`` is not the kind ``records`` asks for, the split is missing,
@@ -117,24 +127,26 @@ def find_eval_cases(data, split: str = "test", phase: str = "artery", records: b
     if records is False and has_manifest:
         raise EvaluateError(f"{data}: holds {MANIFEST_FILE}, so it is a records folder (give it to --records)")
     if has_manifest:
-        modality, cases = manifest_cases(data, split)
+        modality, cases, outputs = manifest_cases(data, split)
     else:
         dataset = open_dataset(data, layout, phase, series)
-        modality, cases = dataset.modality, dataset.cases
+        modality, cases, outputs = dataset.modality, dataset.cases, dataset.outputs
     skipped = [{"case": c.case_id, "reason": MISSING_LABEL} for c in cases if c.label is None]
     labelled = [c for c in cases if c.label is not None]
     if not labelled:
         raise EvaluateError(f"{data}: no labelled cases to evaluate ({len(cases)} cases, none with a label)")
-    return modality, labelled, skipped
+    return modality, labelled, skipped, outputs
 
 
-def manifest_cases(records_dir: Path, split: str) -> tuple[str, list[CaseFiles]]:
-    """The modality and the cases of one split of a records manifest (source image/label paths).
+def manifest_cases(records_dir: Path, split: str) -> tuple[str, list[CaseFiles], tuple[str, ...]]:
+    """The modality, the cases of one split of a records manifest (source image/label paths) and
+    the structures their labels hold.
 
     Raises:
         EvaluateError: the manifest is unreadable, malformed, or has no such split.
     """
     from kerasunet.data import RecordsError, read_manifest
+    from kerasunet.train import manifest_outputs
 
     path = records_dir / MANIFEST_FILE
     try:
@@ -144,7 +156,7 @@ def manifest_cases(records_dir: Path, split: str) -> tuple[str, list[CaseFiles]]
             raise EvaluateError(f"{path}: no {split!r} split (has {sorted(splits)})")
         entries = {c: manifest["cases"][c] for c in splits[split]["cases"]}
         cases = [case_from_entry(c, e) for c, e in entries.items()]
-        return manifest["modality"], cases
+        return manifest["modality"], cases, manifest_outputs(manifest)
     except RecordsError as exc:
         raise EvaluateError(str(exc)) from None
     except (KeyError, TypeError) as exc:
@@ -173,19 +185,23 @@ def evaluate(models: dict[str, str | Path], data, out_dir, settings: EvaluateSet
     if not models:
         raise EvaluateError(f"{data}: no model to evaluate")
     out_dir = Path(out_dir)
-    modality, cases, skipped = find_eval_cases(data, settings.split, settings.predict.phase, records,
-                                               settings.predict.layout, settings.predict.series)
+    modality, cases, skipped, label_outputs = find_eval_cases(data, settings.split, settings.predict.phase, records,
+                                                              settings.predict.layout, settings.predict.series)
     predictors = load_predictors(models, modality, data)
+    outputs = scored_outputs(predictors, label_outputs, data)
     convention = settings.convention or default_convention(modality)
-    scores = score_cases(predictors, cases, modality, settings, out_dir / "overlays", progress, convention)
+    scores = score_cases(predictors, cases, outputs, settings, out_dir / "overlays", progress, convention)
     if not scores.evaluated:
         raise EvaluateError(f"{data}: none of the {len(cases)} labelled cases could be read")
-    summarize = {name: summarize_cases(per_case, modality, convention) for name, per_case in scores.per_case.items()}
+    summarize = {name: summarize_cases(per_case, outputs, convention) for name, per_case in scores.per_case.items()}
     summary = finite_or_none({
-        "data": str(data), "modality": modality, "split": settings.split, "convention": convention,
+        "data": str(data), "modality": modality, "outputs": list(outputs), "split": settings.split,
+        "convention": convention,
         "n_cases": len(scores.evaluated), "cases": scores.evaluated, "skipped": skipped + scores.skipped,
         "settings": asdict(settings),
-        "models": {name: {"path": str(models[name]), **summarize[name]} for name in predictors},
+        "models": {name: {"path": str(models[name]), **summarize[name],
+                          **({"before_lesion_filter": summarize_cases(scores.unfiltered[name], outputs, convention)}
+                             if name in scores.unfiltered else {})} for name in predictors},
         "baselines": {BASELINE: summarize[BASELINE]},
         "overlays": [str(p.relative_to(out_dir)) for p in scores.overlays],
     })
@@ -211,6 +227,20 @@ def load_predictors(models: dict[str, str | Path], modality: str, data) -> dict[
     return predictors
 
 
+def scored_outputs(predictors: dict[str, tuple], label_outputs, data) -> tuple[str, ...]:
+    """The structures scored: those the labels hold that every model segments.
+
+    Raises:
+        EvaluateError: no structure is in both.
+    """
+    outputs = shared_outputs(label_outputs, *(info.mask_outputs for _, info in predictors.values()))
+    if not outputs:
+        models = "; ".join(f"{info.model_path}: {', '.join(info.mask_outputs)}" for _, info in predictors.values())
+        raise EvaluateError(f"{data}: its labels hold {', '.join(label_outputs)}, which no model segments "
+                            f"({models})")
+    return outputs
+
+
 @dataclass
 class Scores:
     """What :func:`score_cases` collects: per-case metrics per model (and the baseline), CSV rows,
@@ -221,55 +251,63 @@ class Scores:
     overlays: list[Path] = field(default_factory=list)
     evaluated: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    unfiltered: dict[str, list] = field(default_factory=dict)  # per model, without the lesion filter
 
 
-def score_cases(predictors: dict[str, tuple], cases: list[CaseFiles], modality: str, settings: EvaluateSettings,
+def score_cases(predictors: dict[str, tuple], cases: list[CaseFiles], outputs, settings: EvaluateSettings,
                 overlay_dir: Path, progress: Callable[[str], None], convention: str) -> Scores:
-    """Reads each case once, segments it with every model and scores it in ``convention`` (in the
-    image file's stored voxel order, as :func:`kerasunet.lits_scoring.score_volume`); draws the
-    first overlays."""
+    """Reads each case once, segments it with every model and scores the structures ``outputs``
+    (:func:`scored_outputs`) in ``convention`` (in the image file's stored voxel order, as
+    :func:`kerasunet.lits_scoring.score_volume`); draws the first overlays."""
     scores = Scores(per_case={name: [] for name in [*predictors, BASELINE]})
     for i, case in enumerate(cases, 1):
         try:
-            volume, truth = load_case(case, modality)
+            volume, truth = load_case(case, outputs)
         except CaseError as exc:
             scores.skipped.append({"case": case.case_id, "reason": str(exc)})
             progress(f"[{i}/{len(cases)}] {case.case_id}: skipped: {exc}")
             continue
         predictions = {}
         for name, (net, info) in predictors.items():
-            predictions[name], _ = predict_volume(net, info, volume, settings.predict)
-            metrics = score_volume(predictions[name], truth, volume, modality, convention)
+            labels, probs = predict_volume(net, info, volume, settings.predict)
+            predictions[name] = relabel_np(labels, info.mask_outputs, outputs)
+            metrics = score_volume(predictions[name], truth, volume, outputs, convention)
             scores.per_case[name].append(metrics)
+            if settings.predict.lesion_filter is not None:  # the same prediction without it, for the report
+                unfiltered = final_labels(probs, info.mask_outputs, volume.spacing,
+                                          replace(settings.predict, lesion_filter=None), volume.data)
+                scores.unfiltered.setdefault(name, []).append(
+                    score_volume(relabel_np(unfiltered, info.mask_outputs, outputs), truth, volume, outputs,
+                                 convention))
             scores.rows.append(metrics_row(case.case_id, name, metrics, convention))
-        scores.per_case[BASELINE].append(score_volume(np.zeros_like(truth), truth, volume, modality, convention))
+        scores.per_case[BASELINE].append(score_volume(np.zeros_like(truth), truth, volume, outputs, convention))
         scores.evaluated.append(case.case_id)
         if len(scores.overlays) < settings.n_overlays:
             norm = next(iter(predictors.values()))[1].norm
-            scores.overlays.append(write_overlay(case.case_id, volume, truth, predictions, norm, modality,
+            scores.overlays.append(write_overlay(case.case_id, volume, truth, predictions, norm, outputs,
                                                  overlay_dir))
         dice = ", ".join(f"{name} {s}={scores.per_case[name][-1][s]['dice']:.3f}"
-                         for name in predictors for s in OUTPUTS[modality])
+                         for name in predictors for s in outputs)
         progress(f"[{i}/{len(cases)}] {case.case_id}: {dice}")
     return scores
 
 
 def write_overlay(case_id: str, volume, truth: np.ndarray, predictions: dict[str, np.ndarray], norm,
-                  modality: str, folder: Path) -> Path:
+                  outputs, folder: Path) -> Path:
     """The overlay PNG of one case at its slice with the most tumour, image shown as the model sees it."""
-    k = pick_slice(truth, "tumour", modality)
+    k = pick_slice(truth, "tumour", outputs)
     stats = case_stats(volume.data, norm)
     image = normalize_np(volume.data[:, :, k], stats)
     window = ((stats[0] - stats[2]) / stats[3], (stats[1] - stats[2]) / stats[3])
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", case_id)
     return overlay_figure(image, truth[:, :, k], {m: p[:, :, k] for m, p in predictions.items()},
-                          folder / f"{name}.png", title=f"{case_id}, axial slice {k}", modality=modality,
+                          folder / f"{name}.png", title=f"{case_id}, axial slice {k}", outputs=outputs,
                           display_range=(float(window[0]), float(window[1])))
 
 
 def render_report(summary: dict, rows: list[dict]) -> str:
     """The ``report.md`` text: settings, one table per structure, per-case Dice, overlay figures."""
-    structures = OUTPUTS[summary["modality"]]
+    structures = summary_outputs(summary)
     lines = [f"# Evaluation: {', '.join(summary['models'])}", "",
              f"- data: `{summary['data']}` ({summary['modality']}, split `{summary['split']}`), "
              f"{summary['n_cases']} cases evaluated, {len(summary['skipped'])} skipped",
@@ -280,6 +318,7 @@ def render_report(summary: dict, rows: list[dict]) -> str:
     for skip in summary["skipped"]:
         lines.append(f"- skipped `{skip['case']}`: {skip['reason']}")
     lines += metrics_section(summary)
+    lines += lesion_filter_section(summary)
     lines += ["", "## Dice per case", "", "| case | model | " + " | ".join(structures) + " |",
               "|---|---|" + "---|" * len(structures)]
     for row in rows:

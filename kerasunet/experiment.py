@@ -65,7 +65,7 @@ from kerasunet.train_settings import TrainSettings
 
 LETTERS = dict(zip("ABC", MODES))  # A scratch, B init, C freeze
 MAIN_LABELS = tuple(f"{letter} ({mode})" for letter, mode in LETTERS.items())  # report rows of A, B, C
-# "masked" gates tumour by the liver channel, which the MRI models (tumour only) do not have.
+# "masked" gates tumour by the liver channel, which tumour-only MRI models (FZMC) do not have.
 EXPERIMENT_LOSSES = tuple(loss for loss in LOSSES if loss != "masked")
 STATE_FILE = "state.json"
 STATE_VERSION = 2
@@ -97,6 +97,9 @@ class Preset:
     # The experiment keeps the research's dropout and selection rule whatever train's defaults are.
     dropout: float = 0.5
     monitor: str = "loss"
+    # 3D arm of ``--dims`` (kerasunet.dims_comparison): training patch (D, H, W) and patches per step
+    patch_size: tuple[int, int, int] = (48, 128, 128)
+    patch_batch_size: int = 2
 
 
 PRESETS = {
@@ -108,7 +111,8 @@ PRESETS = {
     # and more epochs; augmentation and tumour oversampling because there are few cases.
     "small": Preset(ct_epochs=30, ct_batch_size=16, ct_lr=2e-3, mri_epochs=16, mri_batch_size=16,
                     mri_lr=2e-3, loss="bce_dice", filters=16, depth=3, repeats=2, augment=True,
-                    oversample_tumour=0.33, ablation_losses=("bce",), schedule="cosine"),
+                    oversample_tumour=0.33, ablation_losses=("bce",), schedule="cosine",
+                    patch_size=(16, 48, 48)),
 }
 
 
@@ -130,6 +134,10 @@ class ExperimentSettings:
     workers: int = DEFAULT_WORKERS
     ct_layout: str = "lits"  # layouts of ``lits`` and ``mri`` (kerasunet.core.cases.LAYOUTS)
     mri_layout: str = "mri"
+    # --dims 2,2.5,3: the experiment once per arm, side by side (kerasunet.dims_comparison);
+    # ``arm`` is set on each arm's own settings (a key of ARMS), None for the plain experiment.
+    dims: tuple[str, ...] = ()
+    arm: str | None = None
 
     def hyperparameters(self) -> Preset:
         """The preset with this command's overrides applied.
@@ -153,6 +161,31 @@ class ExperimentSettings:
     def seeds(self) -> list[int]:
         """One seed per repeat; models A, B and C of a repeat share it (same data order)."""
         return [self.seed + 1000 * r for r in range(self.hyperparameters().repeats)]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of ``--dims``: how its records are built and its networks trained."""
+
+    name: str  # the report's column, e.g. "2.5D"
+    dims: int  # spatial axes of the network
+    context: int = 0  # 2.5D context K of the slice records (2K+1 channels)
+
+
+# ``--dims`` values: 2D slices, 2.5D slices with 2 neighbours a side, 3D patches of volume records
+ARMS = {"2": Arm("2D", 2), "2.5": Arm("2.5D", 2, context=2), "3": Arm("3D", 3)}
+
+
+def arm_build_options(arm: Arm | None) -> dict:
+    """``BuildSettings`` fields of an arm; none for the plain experiment (2D, context 0)."""
+    if arm is None:
+        return {}
+    return {"volumes": True} if arm.dims == 3 else {"context": arm.context}
+
+
+def arm_train_fields(arm: Arm | None, preset: Preset) -> dict:
+    """``TrainSettings`` fields of an arm besides the preset's: a 3D arm's dims and patch."""
+    return {"dims": 3, "patch_size": preset.patch_size} if arm and arm.dims == 3 else {}
 
 
 @dataclass(frozen=True)
@@ -201,7 +234,12 @@ def run_experiment(settings: ExperimentSettings, progress: Callable[[str], None]
         ValueError: bad settings, unusable data or an unreadable ``state.json``; the message
             is one line.
     """
+    if settings.dims:
+        from kerasunet.dims_comparison import run_dims_comparison
+
+        return run_dims_comparison(settings, progress)
     preset = settings.hyperparameters()
+    arm = ARMS[settings.arm] if settings.arm else None
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / STATE_FILE)
@@ -210,9 +248,11 @@ def run_experiment(settings: ExperimentSettings, progress: Callable[[str], None]
                for name, src in (("lits", settings.lits), ("mri", settings.mri))}
     common = dict(filters=preset.filters, depth=preset.depth, augment=preset.augment,
                   schedule=preset.schedule, oversample_tumour=preset.oversample_tumour,
-                  dropout=preset.dropout, monitor=preset.monitor)
+                  dropout=preset.dropout, monitor=preset.monitor, **arm_train_fields(arm, preset))
+    ct_batch, mri_batch = ((preset.patch_batch_size,) * 2 if arm and arm.dims == 3
+                           else (preset.ct_batch_size, preset.mri_batch_size))
     ct = _train(state, out / "runs" / "ct", records["lits"], progress, mode="scratch",
-                epochs=preset.ct_epochs, batch_size=preset.ct_batch_size, lr=preset.ct_lr,
+                epochs=preset.ct_epochs, batch_size=ct_batch, lr=preset.ct_lr,
                 loss=preset.loss, seed=settings.seed, **common)
     runs = plan_runs(settings)
     trained = {}
@@ -220,7 +260,7 @@ def run_experiment(settings: ExperimentSettings, progress: Callable[[str], None]
         progress(f"== MRI run {i}/{len(runs)}: {run.label}, repeat {run.repeat + 1} ==")
         trained[run.name] = _train(state, out / "runs" / run.name, records["mri"], progress, mode=run.mode,
                                    pretrained=None if run.mode == "scratch" else ct,
-                                   epochs=preset.mri_epochs, batch_size=preset.mri_batch_size,
+                                   epochs=preset.mri_epochs, batch_size=mri_batch,
                                    lr=preset.mri_lr, loss=run.loss, seed=settings.seeds[run.repeat], **common)
     ct_eval = _evaluate(state, "eval/ct", {"CT": ct}, records["lits"], out, 2, progress)
     mri_evals = []
@@ -315,7 +355,8 @@ def _build(source: Path, dataset: str, out: Path, settings: ExperimentSettings, 
     phase = {"phase": settings.phase} if dataset == "mri" else {}  # CT has no phase: not in its hash
     layout = settings.ct_layout if dataset == "lits" else settings.mri_layout
     build = BuildSettings(source=str(source), dataset=layout, out=str(out), seed=settings.seed, holdout="last",
-                          val_fraction=0.2, test_fraction=0.25, workers=settings.workers, **phase)
+                          val_fraction=0.2, test_fraction=0.25, workers=settings.workers, **phase,
+                          **arm_build_options(ARMS[settings.arm] if settings.arm else None))
     wanted = "ct" if dataset == "lits" else "mri"
     if build.modality != wanted:
         raise ValueError(f"Expected {wanted.upper()} data for the {dataset} side. "
@@ -409,18 +450,27 @@ TABLE_METRICS = (("dice_per_case", "Dice per case"), ("global_dice", "global Dic
                  ("rvd", "RVD"), ("assd", "ASSD (mm)"), ("mssd", "MSSD (mm)"))
 
 
-def mri_results(runs: list[Run], mri_evals: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
-    """label -> metric -> (mean, std over repeats) of the test tumour metrics."""
+def mri_results(runs: list[Run], mri_evals: list[dict],
+                structure: str = "tumour") -> dict[str, dict[str, tuple[float, float]]]:
+    """label -> metric -> (mean, std over repeats) of the test metrics of ``structure``."""
     labels = list(dict.fromkeys(run.label for run in runs))
     results = {}
     for label in labels:
-        results[label] = {key: _across([_metric(s, label, "tumour", key) for s in mri_evals])
+        results[label] = {key: _across([_metric(s, label, structure, key) for s in mri_evals])
                           for key, _ in TABLE_METRICS}
     from kerasunet.evaluate import BASELINE
 
-    results[BASELINE] = {key: _across([_metric(s, BASELINE, "tumour", key, "baselines") for s in mri_evals])
+    results[BASELINE] = {key: _across([_metric(s, BASELINE, structure, key, "baselines") for s in mri_evals])
                          for key, _ in TABLE_METRICS}
     return results
+
+
+def other_mri_results(runs: list[Run], mri_evals: list[dict]) -> dict[str, dict]:
+    """structure -> :func:`mri_results` for each structure besides tumour the MRI set holds and
+    the models segment (liver for an ATLAS-like set; none for FZMC)."""
+    from kerasunet.lits_scoring import summary_outputs
+
+    return {s: mri_results(runs, mri_evals, s) for s in summary_outputs(mri_evals[0]) if s != "tumour"}
 
 
 def what_this_shows(results: dict, repeats: int, histories: dict[str, list[list[dict]]]) -> str:
@@ -523,19 +573,21 @@ def write_report(out: Path, runs: list[Run], ct_eval: dict, mri_evals: list[dict
                          title=f"MRI tumour models, mean and min-max over {repeats} repeat(s)")
     if len(ablation) > 1:
         plot_learning_curves(ablation, figures / "loss_ablation.png", title="Loss ablation (model A)")
-    results = mri_results(runs, mri_evals)
+    results, others = mri_results(runs, mri_evals), other_mri_results(runs, mri_evals)
     ct = {s: {key: _metric(ct_eval, "CT", s, key) for key, _ in TABLE_METRICS} for s in ("liver", "tumour")}
     text = _report_text(settings_table(settings, runs), repeats, runs, results, ct, ct_eval, mri_evals,
-                        histories, out, seconds, ablation_figure=len(ablation) > 1)
+                        histories, out, seconds, ablation_figure=len(ablation) > 1, others=others)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(text)
-    write_json(out / "results.json", {"seconds": seconds, "mri": results, "ct": ct,
+    # "mri": the tumour results the research compares; "mri_<structure>": the others the MRI set holds
+    write_json(out / "results.json", {"seconds": seconds, "mri": results,
+                                      **{f"mri_{s}": r for s, r in others.items()}, "ct": ct,
                                       "baseline": BASELINE, "settings": settings})
     return out / "report.md"
 
 
 def _report_text(table, repeats, runs, results, ct, ct_eval, mri_evals, histories, out, seconds,
-                 ablation_figure) -> str:
+                 ablation_figure, others=None) -> str:
     from kerasunet.evaluate import BASELINE
 
     lines = ["# CT → MRI transfer experiment", "",
@@ -558,8 +610,17 @@ def _report_text(table, repeats, runs, results, ct, ct_eval, mri_evals, historie
               "|---" * (len(TABLE_METRICS) + 1) + "|"]
     for label, metrics in results.items():
         lines.append(f"| {label} | " + " | ".join(_pm(metrics[key]) for key, _ in TABLE_METRICS) + " |")
-    lines += ["", f"`{BASELINE}` predicts no tumour anywhere: the floor the models must beat.", "",
-              "## CT model (pretraining), held-out CT", "",
+    lines += ["", f"`{BASELINE}` predicts no tumour anywhere: the floor the models must beat.", ""]
+    for structure, structure_results in (others or {}).items():
+        lines += [f"## Test metrics, MRI {structure}", "",
+                  f"The MRI set's labels hold {structure} too, so its models segment it (two outputs, and "
+                  "B and C start from the whole CT head).", "",
+                  "| model | " + " | ".join(name for _, name in TABLE_METRICS) + " |",
+                  "|---" * (len(TABLE_METRICS) + 1) + "|"]
+        for label, metrics in structure_results.items():
+            lines.append(f"| {label} | " + " | ".join(_pm(metrics[key]) for key, _ in TABLE_METRICS) + " |")
+        lines.append("")
+    lines += ["## CT model (pretraining), held-out CT", "",
               "| structure | " + " | ".join(name for _, name in TABLE_METRICS) + " |",
               "|---" * (len(TABLE_METRICS) + 1) + "|"]
     for structure, metrics in ct.items():

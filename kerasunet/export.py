@@ -17,13 +17,37 @@ to a multiple of ``2**depth`` and cropping back, the U-Net, and the labels. It r
 needs no knowledge of the training settings. The signature's static shapes carry what a
 client must match, and TF Serving's metadata API returns them: the channel size of
 ``image`` is ``2K+1`` (the 2.5D context) and that of ``probabilities`` is
-``len(labels.OUTPUTS[modality])`` (CT 2, MRI 1), which names the modality. ``export.json``
-states both facts directly.
+the number of structures the model segments. A second signature, ``model_info`` (any
+float32 ``image`` in, ignored), names the modality and the structures by its OUTPUT KEYS,
+which the metadata API lists with every signature, so a client learns them without a call:
+one key is the modality (``ct`` or ``mri``), the others the structures of the
+``probabilities`` channels (``liver``, ``tumour``; their channel order is
+``labels.STRUCTURES``'s). Called, it returns int32 constants: the modality's index in
+``preprocessing.MODALITIES`` and each structure's channel. So a client tells an MRI model
+with liver and tumour (ATLAS) from a CT one (``kerasunet.serving_client``). ``export.json``
+states these facts directly.
 
 For MRI the normalisation statistics (percentile clip + z-score) are computed over the
 whole request, which is therefore treated as one case: a request should hold the slices
 of one case, and only that case (see ``docs/serving.md``). Server-side batching would
 merge requests of different cases into one tensor, so MRI exports get no batching file.
+
+A 3D run (``dims`` 3, :func:`write_volume_saved_model`) serves PATCHES: ``serving_default``
+takes raw ``image [n, D, H, W, C]`` of the run's fixed ``patch_size`` (the static shape the
+metadata API returns, so a client learns the window there) and ``stats [n, 4]``, the case
+statistics ``[lo, hi, mean, std]`` of ``case_stats`` over the client's whole volume, one row
+per patch; the graph normalises each patch with its own row. Per-request statistics would
+normalise an MRI patch with the patch's own percentiles, so served masks would differ from
+local ones; with the client's rows they are the same, and patches of different cases may
+share a batch. ``model_info`` names the structures as for 2D. Another signature,
+``volume_settings`` (any float32 ``image`` in, ignored),
+returns what the client needs for that: ``modality`` (index in
+``preprocessing.MODALITIES``), ``hu_window``, ``percentiles`` and ``spacing`` (``(D, H, W)``
+mm the model expects; zeros: none) as float64 constants. The sliding window, resampling,
+thresholding and post-processing run on the client (``kerasunet.predict``). ``export.json``
+records ``dims``, ``patch_size`` and ``spacing``; 3D exports get no batching file (the
+client already batches its windows, and the slice sizes of :class:`BatchingSettings` do not
+fit patches).
 """
 
 from __future__ import annotations
@@ -56,6 +80,11 @@ CONTAINER_ROOT = "/models"
 REST_PORT, GRPC_PORT = 8501, 8500
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 INPUT_UNITS = {"ct": "HU", "mri": "scanner units"}
+STATS_NAME = "stats"  # 3D exports: the per-patch case statistics input
+SETTINGS_SIGNATURE = "volume_settings"  # 3D exports: the settings a sliding-window client needs
+SETTINGS_OUTPUTS = ("modality", "hu_window", "percentiles", "spacing")
+MODEL_INFO_SIGNATURE = "model_info"  # 2D exports: its output keys name the modality and the channels' structures
+VOLUME_WARMUP_BATCHES = (1, 2)  # 3D warm-up: one and two patches (predict's default patch_batch_size)
 
 
 class ExportError(ValueError):
@@ -200,11 +229,137 @@ def write_saved_model(model, info: RunInfo, path: Path) -> None:
     if keras.backend.backend() != "tensorflow":
         raise ExportError(f"{info.model_path}: export needs KERAS_BACKEND=tensorflow, "
                           f"got {keras.backend.backend()!r}")
+    if info.dims == 3:
+        return write_volume_saved_model(model, info, path)
+    if info.cascade:  # ``model`` is a kerasunet.cascade.CascadeModel
+        from kerasunet.cascade import write_cascade_saved_model
+
+        return write_cascade_saved_model(model, path)
     spec = tf.TensorSpec([None, None, None, info.input_channels], tf.float32, name=INPUT_NAME)
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(SIGNATURE, make_serving_fn(model, info), input_signature=[spec])
+    archive.add_endpoint(MODEL_INFO_SIGNATURE, model_info_fn(info),
+                         input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
     archive.write_out(str(path), verbose=False)
+
+
+def model_info_fn(info: RunInfo):
+    """The ``model_info`` signature's function (module docstring); its input is ignored."""
+    import tensorflow as tf
+
+    from kerasunet.core.labels import check_outputs
+    from kerasunet.core.preprocessing import MODALITIES
+
+    values = {info.modality: MODALITIES.index(info.modality),
+              **{name: channel for channel, name in enumerate(check_outputs(info.outputs))}}
+
+    def model_info(image):  # REST and gRPC predict calls need an input
+        return {key: tf.constant(value, tf.int32) for key, value in values.items()}
+
+    return model_info
+
+
+def make_volume_serving_fn(model, info: RunInfo):
+    """A 3D run's ``serving_default``: raw patches and per-patch stats -> ``{"probabilities", "mask"}``.
+
+    Each patch is normalised with its own ``stats`` row (``preprocessing.normalize``, the
+    formula of ``normalize_np``), so a patch is normalised as the local sliding window does it.
+    """
+    import tensorflow as tf
+
+    from kerasunet.core.labels import labels_from_probabilities
+    from kerasunet.core.preprocessing import normalize
+
+    outputs = info.outputs
+
+    def serve(image, stats):
+        x = tf.map_fn(lambda pair: normalize(pair[0], pair[1]), (image, stats), fn_output_signature=tf.float32)
+        probs = tf.cast(model(x, training=False), tf.float32)  # float16 under mixed precision
+        return {"probabilities": probs, "mask": labels_from_probabilities(probs, outputs)}
+
+    return serve
+
+
+def volume_settings(info: RunInfo) -> dict:
+    """The values of the ``volume_settings`` signature (module docstring), as Python numbers."""
+    from kerasunet.core.preprocessing import MODALITIES
+
+    norm = info.norm
+    return {"modality": MODALITIES.index(norm.modality), "hu_window": list(norm.hu_window),
+            "percentiles": list(norm.percentiles), "spacing": list(info.spacing or (0.0, 0.0, 0.0))}
+
+
+def write_volume_saved_model(model, info: RunInfo, path: Path) -> None:
+    """Writes a 3D run's SavedModel: ``serving_default`` on patches and ``volume_settings``."""
+    import keras
+    import tensorflow as tf
+
+    if info.patch_size is None:
+        raise ExportError(f"{info.model_path}: a 3D run needs model.patch_size in its config.json")
+    image = tf.TensorSpec([None, *info.patch_size, info.input_channels], tf.float32, name=INPUT_NAME)
+    stats = tf.TensorSpec([None, 4], tf.float32, name=STATS_NAME)
+    values = volume_settings(info)
+
+    def settings(image):  # the input is ignored: REST and gRPC predict calls need one
+        return {"modality": tf.constant(values["modality"], tf.int32),
+                **{k: tf.constant(values[k], tf.float64) for k in ("hu_window", "percentiles", "spacing")}}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, make_volume_serving_fn(model, info), input_signature=[image, stats])
+    archive.add_endpoint(SETTINGS_SIGNATURE, settings,
+                         input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
+    archive.add_endpoint(MODEL_INFO_SIGNATURE, model_info_fn(info),  # the structures, as for 2D
+                         input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
+    archive.write_out(str(path), verbose=False)
+
+
+def write_volume_warmup(path: Path, name: str, info: RunInfo, batch_sizes=VOLUME_WARMUP_BATCHES) -> list:
+    """The 3D warm-up file: one request of ``b`` zero patches (stats ``[1, 1, 1, 1]``) per size.
+
+    Raises:
+        ServingError: tensorflow-serving-api (the ``grpc`` extra) is not installed.
+    """
+    import tensorflow as tf
+
+    from kerasunet import serving_grpc
+
+    p = serving_grpc.protos()
+    shapes = [[batch, *info.patch_size, info.input_channels] for batch in batch_sizes]
+    target = path / WARMUP_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(target)) as writer:
+        for shape in shapes:
+            request = p.PredictRequest(model_spec=serving_grpc.model_spec(name, signature=SIGNATURE))
+            request.inputs[INPUT_NAME].CopyFrom(serving_grpc.filled_tensor_proto(shape, 0.0))
+            request.inputs[STATS_NAME].CopyFrom(serving_grpc.filled_tensor_proto((shape[0], 4), 1.0))
+            writer.write(p.PredictionLog(predict_log=p.PredictLog(request=request)).SerializeToString())
+    return shapes
+
+
+def serves_batching(info: RunInfo) -> bool:
+    """Whether the export gets a batching file: 2D CT (fixed window, slices of any case)."""
+    return info.modality == "ct" and info.dims == 2 and not info.cascade  # a cascade request is one case
+
+
+def volume_export_fields(name: str, info: RunInfo) -> dict:
+    """``export.json`` entries of a 3D export that differ from a 2D one (module docstring)."""
+    channels, url = info.input_channels, f"http://localhost:{REST_PORT}/v1/models/{name}"
+    return {
+        "inputs": {INPUT_NAME: {"dtype": "float32", "shape": [None, *info.patch_size, channels],
+                                "units": INPUT_UNITS[info.modality]},
+                   STATS_NAME: {"dtype": "float32", "shape": [None, 4],
+                                "meaning": "case_stats [lo, hi, mean, std] of the whole volume, one row per patch"}},
+        "outputs": {"probabilities": {"dtype": "float32", "shape": [None, *info.patch_size, len(info.outputs)],
+                                      "channels": list(info.outputs)},
+                    "mask": {"dtype": "uint8", "shape": [None, *info.patch_size], "labels": mask_labels(info.outputs)}},
+        "settings_signature": {"name": SETTINGS_SIGNATURE, "outputs": volume_settings(info)},
+        "pad_multiple": None,
+        "one_case_per_request": False,
+        "curl_predict": (f"curl -X POST {url}:predict -d '{{\"signature_name\": \"{SETTINGS_SIGNATURE}\", "
+                         f"\"inputs\": {{\"{INPUT_NAME}\": [0.0]}}}}'"),
+    }
 
 
 def write_warmup(path: Path, name: str, info: RunInfo, settings: WarmupSettings = WarmupSettings()) -> list:
@@ -224,6 +379,8 @@ def write_warmup(path: Path, name: str, info: RunInfo, settings: WarmupSettings 
 
     from kerasunet.serving_grpc import warmup_records
 
+    if info.dims == 3:
+        return write_volume_warmup(path, name, info)
     channels = 2 * info.context + 1
     records = warmup_records(name, channels, settings.size, settings.batch_sizes, settings.value, SIGNATURE)
     target = path / WARMUP_FILE
@@ -325,7 +482,7 @@ def export_info(name: str, info: RunInfo, version: int, previous: dict, versions
                 labels: dict[str, int] | None = None, warmup: list | None = None) -> dict:
     """The content of ``export.json``: settings of the newest export plus one entry per version."""
     channels = 2 * info.context + 1
-    batching = info.modality == "ct"
+    batching = serves_batching(info)
     entry = {"source_model": str(info.model_path.resolve()), "modality": info.modality,
              "channels": channels, "exported_at": datetime.datetime.now().isoformat(timespec="seconds"),
              "kerasunet_version": __version__, "warmup_requests": warmup}
@@ -356,6 +513,10 @@ def export_info(name: str, info: RunInfo, version: int, previous: dict, versions
         "batching_parameters": ({"file": BATCHING_FILE, **asdict(BatchingSettings())} if batching else None),
         "versions": {**kept, str(version): entry},
         **example_commands(name, channels, batching),
+        "dims": info.dims,
+        "patch_size": list(info.patch_size) if info.patch_size else None,
+        "spacing": list(info.spacing) if info.spacing else None,
+        **(volume_export_fields(name, info) if info.dims == 3 else {}),
     }
 
 
@@ -410,20 +571,29 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     previous = _read_json(out_dir / INFO_FILE)
     versions = sorted(set(numeric_versions(out_dir)) | {version})
     labels = update_labels(out_dir, previous.get("version_labels", {}), versions, version, label)
-    model = load_model(info)
+    if info.cascade:  # both stages in one graph (kerasunet.cascade)
+        from kerasunet.cascade import load_cascade
+
+        model = load_cascade(info)
+    else:
+        model = load_model(info)
     target = out_dir / str(version)
     with atomic_path(target, is_dir=True) as tmp:
         write_saved_model(model, info, tmp)
-        warmup = _warmup_or_warn(tmp, target, name, info)
+        warmup = None if info.cascade else _warmup_or_warn(tmp, target, name, info)  # cascade: whole cases
     with atomic_path(out_dir / CONFIG_FILE) as tmp:  # TF Serving may poll this file
         tmp.write_text(models_config(name, labels))
-    if info.modality == "ct":
+    if serves_batching(info):
         with atomic_path(out_dir / BATCHING_FILE) as tmp:
             tmp.write_text(BatchingSettings().to_text())
-    else:  # batching merges requests, and with them MRI cases: no file invites it
+    else:  # batching merges requests, and with them MRI cases (3D: see the module docstring)
         (out_dir / BATCHING_FILE).unlink(missing_ok=True)
-    write_json(out_dir / INFO_FILE, export_info(name, info, version, previous, numeric_versions(out_dir),
-                                                labels, warmup))
+    exported = export_info(name, info, version, previous, numeric_versions(out_dir), labels, warmup)
+    if info.cascade:
+        from kerasunet.cascade import cascade_export_fields
+
+        exported |= cascade_export_fields(name, model)
+    write_json(out_dir / INFO_FILE, exported)
     return target
 
 

@@ -6,7 +6,9 @@ shown in radiological display orientation: anterior at the top and the patient's
 viewer's left, i.e. the slice is transposed (rows = y) and flipped in both axes, because RAS+
 puts +x to the patient's right and +y anterior (:func:`display`).
 
-Labels are drawn as filled colours: CT liver green, CT tumour red, MRI tumour red.
+Labels are drawn as filled colours, liver green and tumour red. A label map holds the structures
+of its ``outputs`` valued by ``kerasunet.core.labels.label_values`` (liver 1 / tumour 2, or tumour
+1 for tumour-only maps); a modality name ("ct", "mri") stands for its default structures.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from kerasunet.core.atomic import atomic_path
+from kerasunet.core.labels import as_outputs, label_values
 from kerasunet.lits_metrics import structure_masks
 
 COLOURS = {"liver": (0.1, 0.8, 0.2), "tumour": (0.95, 0.1, 0.1)}
-LABEL_NAMES = {"ct": {1: "liver", 2: "tumour"}, "mri": {1: "tumour"}}
 ALPHA = 0.45
 
 
@@ -41,28 +43,28 @@ def display(slice_2d: np.ndarray) -> np.ndarray:
     return np.asarray(slice_2d).T[::-1, ::-1]
 
 
-def pick_slice(label_volume: np.ndarray, structure: str = "tumour", modality: str = "ct") -> int:
+def pick_slice(label_volume: np.ndarray, structure: str = "tumour", outputs="ct") -> int:
     """The axial index with the most voxels of ``structure``.
 
     Falls back to the slice with the most foreground (label >= 1), then to the middle slice,
     so every case gets a figure.
     """
-    masks = structure_masks(label_volume, modality)
+    masks = structure_masks(label_volume, outputs)
     for mask in (masks.get(structure), label_volume >= 1):
         if mask is not None and mask.any():
             return int(np.argmax(mask.sum(axis=(0, 1))))
     return label_volume.shape[2] // 2
 
 
-def colour_labels(labels: np.ndarray, modality: str) -> np.ndarray:
+def colour_labels(labels: np.ndarray, outputs) -> np.ndarray:
     """RGBA overlay ``(rows, cols, 4)`` of a display-oriented label slice; background transparent."""
     rgba = np.zeros((*labels.shape, 4), np.float32)
-    for value, name in LABEL_NAMES[modality].items():
+    for name, value in label_values(as_outputs(outputs)).items():
         rgba[labels == value] = (*COLOURS[name], ALPHA)
     return rgba
 
 
-def draw_slice(ax, image_slice: np.ndarray, label_slice: np.ndarray | None, modality: str,
+def draw_slice(ax, image_slice: np.ndarray, label_slice: np.ndarray | None, outputs,
                display_range: tuple[float, float] | None = None) -> None:
     """Draws a canonical slice in display orientation, its labels coloured on top, no axes.
 
@@ -72,19 +74,19 @@ def draw_slice(ax, image_slice: np.ndarray, label_slice: np.ndarray | None, moda
         ax: the matplotlib axes.
         image_slice: canonical ``(x, y)`` image slice.
         label_slice: canonical label slice of the same shape, or None for the image alone.
-        modality: label convention and colours ("ct" or "mri").
+        outputs: the structures the labels hold (values and colours), or "ct"/"mri".
         display_range: grey-level window; default the slice's 1st-99th percentiles.
     """
     image = display(image_slice)
     vmin, vmax = display_range or tuple(np.percentile(image, [1, 99]))
     ax.imshow(image, cmap="gray", vmin=vmin, vmax=max(vmax, vmin + 1e-6), interpolation="nearest")
     if label_slice is not None:
-        ax.imshow(colour_labels(display(label_slice), modality), interpolation="nearest")
+        ax.imshow(colour_labels(display(label_slice), outputs), interpolation="nearest")
     ax.axis("off")
 
 
 def overlay_figure(image_slice: np.ndarray, truth_slice: np.ndarray, predictions: dict[str, np.ndarray],
-                   path, title: str | None = None, modality: str = "ct",
+                   path, title: str | None = None, outputs="ct",
                    display_range: tuple[float, float] | None = None) -> Path:
     """Writes a PNG: the image, then the image with the truth, then one panel per prediction.
 
@@ -94,7 +96,7 @@ def overlay_figure(image_slice: np.ndarray, truth_slice: np.ndarray, predictions
         predictions: panel title -> canonical label slice (e.g. one per model).
         path: the PNG to write (atomically).
         title: figure title.
-        modality: label convention and colours ("ct" or "mri").
+        outputs: the structures the labels hold (values and colours), or "ct"/"mri".
         display_range: grey-level window; default the slice's 1st-99th percentiles.
 
     Returns:
@@ -108,14 +110,14 @@ def overlay_figure(image_slice: np.ndarray, truth_slice: np.ndarray, predictions
     panels = [("image", None), ("ground truth", truth_slice), *predictions.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
     for ax, (name, labels) in zip(axes[0], panels):
-        draw_slice(ax, image_slice, labels, modality, display_range)
+        draw_slice(ax, image_slice, labels, outputs, display_range)
         ax.set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
 
-def save_example_grid(examples: list[dict], modality: str, path, columns: int = 4) -> Path:
+def save_example_grid(examples: list[dict], outputs, path, columns: int = 4) -> Path:
     """Writes a PNG grid of stored examples (centre channel, normalised) with their labels overlaid.
 
     The slices are shown as the ``evaluate`` overlays show them (:func:`draw_slice`).
@@ -123,7 +125,7 @@ def save_example_grid(examples: list[dict], modality: str, path, columns: int = 
     Args:
         examples: dicts from :func:`kerasunet.data.load_split_examples`: ``image`` raw
             ``(H, W, C)`` canonical slices, ``label``, ``norm_stats`` and ``key``.
-        modality: "ct" or "mri" (label convention and colours).
+        outputs: the structures the labels hold (the manifest's ``outputs``), or "ct"/"mri".
         path: the PNG to write (atomically).
         columns: images per row.
 
@@ -148,6 +150,6 @@ def save_example_grid(examples: list[dict], modality: str, path, columns: int = 
         ax.axis("off")
     for ax, ex in zip(axes.ravel(), examples):
         centre = ex["image"][..., ex["image"].shape[-1] // 2]
-        draw_slice(ax, normalize_np(centre, ex["norm_stats"]), ex["label"], modality)
+        draw_slice(ax, normalize_np(centre, ex["norm_stats"]), ex["label"], outputs)
         ax.set_title(ex["key"], fontsize=8)
     return save_figure(fig, path, dpi=80)

@@ -19,9 +19,16 @@ feature             meaning
                     without a liver or a ring
 ==================  ==========================================================================
 
-A lesion is one 26-connected component of the tumour mask (label 2 on CT, 1 on MRI), as in
-:mod:`kerasunet.postprocess`. A lesion is kept when every feature is at least its threshold;
-a NaN feature passes. Dropped CT lesions become liver, dropped MRI lesions background.
+A lesion is one 26-connected component of the tumour mask (the tumour's value in a label map
+of ``outputs``, :func:`kerasunet.core.labels.label_values`: 2 with liver, 1 tumour-only), as
+in :mod:`kerasunet.postprocess`. A lesion is kept when every feature is at least its
+threshold; a NaN feature passes. Dropped lesions become liver where the labels hold liver,
+else background.
+
+In ``predict``/``evaluate`` the filter runs after the post-processing when given
+``--lesion-filter FILE``: a JSON object of the four thresholds (:func:`read_lesion_filter`),
+as :func:`fit_lesion_filter` chooses them on validation cases (``benchmarks/quality.py``
+writes one) or as a user sets them.
 """
 
 from __future__ import annotations
@@ -32,11 +39,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from kerasunet.core.labels import label_values
 from kerasunet.postprocess import FULL_CONNECTIVITY
 
 FEATURES = ("volume_mm3", "mean_prob", "depth_mm", "contrast")
 RING_MM = 5.0  # width of the shell of surrounding liver that ``contrast`` compares with
-TUMOUR_LABEL = {"ct": 2, "mri": 1}
+CT_OUTPUTS = ("liver", "tumour")
+
+
+def tumour_label(outputs) -> int:
+    """The tumour's value in a label map of ``outputs``."""
+    return label_values(outputs)["tumour"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,7 @@ class LesionFilter:
 
 
 def lesion_features(labels: np.ndarray, tumour_prob: np.ndarray, image: np.ndarray, spacing,
-                    modality: str = "ct") -> tuple[np.ndarray, list[dict]]:
+                    outputs=CT_OUTPUTS) -> tuple[np.ndarray, list[dict]]:
     """The lesions of a label volume and their features.
 
     Args:
@@ -78,7 +91,7 @@ def lesion_features(labels: np.ndarray, tumour_prob: np.ndarray, image: np.ndarr
         tumour_prob: the tumour channel's probabilities, same shape.
         image: the input volume (HU for CT), same shape.
         spacing: voxel size in mm per axis.
-        modality: ``"ct"`` or ``"mri"`` (which label is tumour; MRI has no liver).
+        outputs: the structures the labels hold (which value is tumour; whether there is a liver).
 
     Returns:
         ``(components, features)``: the lesion id of each voxel (0 outside lesions) and one
@@ -88,8 +101,8 @@ def lesion_features(labels: np.ndarray, tumour_prob: np.ndarray, image: np.ndarr
         raise ValueError(f"Expected labels, probabilities and image of one shape. Received: {labels.shape}, "
                          f"{tumour_prob.shape} and {image.shape}")
     spacing = np.asarray(spacing, dtype=np.float64)
-    components, _ = ndimage.label(labels == TUMOUR_LABEL[modality], structure=FULL_CONNECTIVITY)
-    depth = liver_depth(labels >= 1, spacing) if modality == "ct" else None
+    components, _ = ndimage.label(labels == tumour_label(outputs), structure=FULL_CONNECTIVITY)
+    depth = liver_depth(labels >= 1, spacing) if "liver" in outputs else None
     grow = np.ceil(RING_MM / spacing).astype(int)
     features = []
     for index, box in enumerate(ndimage.find_objects(components), 1):
@@ -141,17 +154,17 @@ def ring_contrast(index: int, box, components, labels, image, spacing, grow) -> 
 
 
 def filter_lesions(labels: np.ndarray, tumour_prob: np.ndarray, image: np.ndarray, spacing,
-                   thresholds: LesionFilter, modality: str = "ct") -> np.ndarray:
-    """``labels`` without the lesions that fail ``thresholds`` (CT: they become liver).
+                   thresholds: LesionFilter, outputs=CT_OUTPUTS) -> np.ndarray:
+    """``labels`` without the lesions that fail ``thresholds`` (with a liver they become liver).
 
     Returns:
         A new uint8 label volume; the input is not modified.
     """
-    components, features = lesion_features(labels, tumour_prob, image, spacing, modality)
+    components, features = lesion_features(labels, tumour_prob, image, spacing, outputs)
     dropped = [i for i, row in enumerate(features, 1) if not thresholds.keeps(row)]
     out = labels.copy()
     if dropped:
-        out[np.isin(components, dropped)] = 1 if modality == "ct" else 0
+        out[np.isin(components, dropped)] = label_values(outputs).get("liver", 0)
     return out
 
 
@@ -170,15 +183,15 @@ class Candidate:
 
 
 def case_candidates(labels: np.ndarray, tumour_prob: np.ndarray, image: np.ndarray, spacing,
-                    truth: np.ndarray, case: str, modality: str = "ct") -> tuple[list[Candidate], int]:
+                    truth: np.ndarray, case: str, outputs=CT_OUTPUTS) -> tuple[list[Candidate], int]:
     """The predicted lesions of one case, matched to the true ones, and the true lesion count.
 
     A predicted lesion is a true positive when it overlaps a true lesion (26-connected
     components of the true tumour mask), as :func:`kerasunet.lits_metrics.lesion_detection`
     counts them.
     """
-    components, features = lesion_features(labels, tumour_prob, image, spacing, modality)
-    truth_components, n_truth = ndimage.label(truth == TUMOUR_LABEL[modality], structure=FULL_CONNECTIVITY)
+    components, features = lesion_features(labels, tumour_prob, image, spacing, outputs)
+    truth_components, n_truth = ndimage.label(truth == tumour_label(outputs), structure=FULL_CONNECTIVITY)
     candidates = []
     for index, row in enumerate(features, 1):
         touched = np.unique(truth_components[(components == index) & (truth_components > 0)])
@@ -240,3 +253,56 @@ def fit_lesion_filter(candidates: list[Candidate], n_truth: int, max_recall_loss
                 if scores["recall"] >= floor and better:
                     best, best_f1 = trial, scores["f1"]
     return best
+
+
+def read_lesion_filter(path) -> LesionFilter:
+    """The thresholds of a ``--lesion-filter`` JSON file (an object of :data:`FEATURES`; missing ones 0).
+
+    Raises:
+        ValueError: one line naming the file: unreadable, not JSON, an unknown key or a bad value.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the lesion filter ({type(exc).__name__}: {exc})") from None
+    if not isinstance(values, dict) or set(values) - set(FEATURES):
+        raise ValueError(f"{path}: a lesion filter is a JSON object with keys from {FEATURES}")
+    try:
+        return LesionFilter(**{k: float(v) for k, v in values.items()})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def write_lesion_filter(path, thresholds: LesionFilter) -> None:
+    """Writes ``thresholds`` as a ``--lesion-filter`` file (atomic)."""
+    from kerasunet.core.atomic import write_json
+
+    write_json(path, thresholds.to_dict())
+
+
+def report_section(summary: dict) -> list[str]:
+    """``evaluate``'s report lines comparing each model before and after the lesion filter.
+
+    Reads ``summary["models"][name]["before_lesion_filter"]`` (written when ``evaluate`` ran
+    with ``--lesion-filter``); no lines when there is none or no tumour was scored.
+    """
+    rows = []
+    for name, model in summary["models"].items():
+        before = (model.get("before_lesion_filter") or {}).get("structures", {}).get("tumour")
+        after = model.get("structures", {}).get("tumour")
+        if before is None or after is None:
+            continue
+        for label, s in (("before", before), ("after", after)):
+            cells = [s.get("pred_lesions"), s.get("lesion_precision"), s.get("lesion_recall"), s.get("dice_per_case")]
+            rows.append(f"| {name} | {label} | " + " | ".join("–" if v is None else
+                                                               (f"{v:.3f}" if isinstance(v, float) else str(v))
+                                                               for v in cells) + " |")
+    if not rows:
+        return []
+    thresholds = summary["settings"]["predict"].get("lesion_filter")
+    return ["", "## Lesion filter", "", f"Thresholds: `{thresholds}` (kerasunet.lesion_filter).", "",
+            "| model | lesion filter | predicted lesions | lesion precision | lesion recall | tumour Dice/case |",
+            "|---|---|---|---|---|---|", *rows]

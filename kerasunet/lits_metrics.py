@@ -53,6 +53,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, spatial
 
+from kerasunet.core.labels import as_outputs, label_values
+
 CONVENTIONS = ("lits2017", "medpy")
 LARGE = 9001.0  # the organisers' value for a metric that has no value (an empty mask)
 METRICS = ("dice", "voe", "rvd", "assd", "mssd", "rmsd")
@@ -78,11 +80,12 @@ def default_convention(modality: str) -> str:
     return "lits2017" if modality == "ct" else "medpy"
 
 
-def structure_masks(labels: np.ndarray, modality: str) -> dict[str, np.ndarray]:
-    """Boolean masks of the scored structures: CT liver (>= 1) and tumour (== 2), MRI tumour (>= 1)."""
-    if modality == "ct":
-        return {"liver": labels >= 1, "tumour": labels == 2}
-    return {"tumour": labels >= 1}
+def structure_masks(labels: np.ndarray, outputs) -> dict[str, np.ndarray]:
+    """Boolean masks of the scored structures of a label map valued for ``outputs``
+    (``labels.label_values``; a modality name stands for its default structures): liver
+    (>= 1) and tumour (== 2) where it holds both, tumour (>= 1) in a tumour-only map."""
+    values = label_values(as_outputs(outputs))
+    return {name: labels >= value for name, value in values.items()}
 
 
 def surface(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
@@ -191,32 +194,34 @@ def tumour_burden_error(pred_labels: np.ndarray, truth_labels: np.ndarray, conve
     return {"burden_truth": truth, "burden_pred": pred, "burden_error": truth - pred}
 
 
-def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, modality: str, spacing,
+def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, outputs, spacing,
                  convention: str = "medpy") -> dict[str, dict]:
     """All metrics of one case: ``{structure: {metric: value}}`` in the given convention.
 
-    CT gives ``liver`` and ``tumour``, MRI ``tumour``. CT tumour entries also hold the tumour
-    burden (:func:`tumour_burden_error`). medpy tumour entries hold lesion counts
-    (:func:`lesion_detection`); lits2017 ones hold detection counts and per-lesion metrics
+    ``outputs`` are the structures both label maps hold (``labels.label_values`` gives their
+    values; "ct"/"mri" stand for their default structures): one entry each. Where they hold
+    liver and tumour, the tumour entry also holds the tumour burden (:func:`tumour_burden_error`).
+    medpy tumour entries hold lesion counts (:func:`lesion_detection`); lits2017 ones hold detection counts and per-lesion metrics
     (:func:`lits2017_tumour`), and lits2017 liver entries say whether a liver was ``predicted``.
     """
     check_convention(convention)
     if pred_labels.shape != truth_labels.shape:
         raise ValueError(f"Expected label maps of the same shape. Received: {pred_labels.shape} "
                          f"and {truth_labels.shape}")
-    preds, truths = structure_masks(pred_labels, modality), structure_masks(truth_labels, modality)
+    preds, truths = structure_masks(pred_labels, outputs), structure_masks(truth_labels, outputs)
     out = {}
     if "liver" in preds:
         if convention == "lits2017":
             out["liver"] = lits2017_liver(preds["liver"], truths["liver"], bool(np.any(pred_labels == 1)), spacing)
         else:
             out["liver"] = binary_metrics(preds["liver"], truths["liver"], spacing, convention)
-    if convention == "lits2017":
-        out["tumour"] = lits2017_tumour(preds["tumour"], truths["tumour"], spacing)
-    else:
-        out["tumour"] = {**binary_metrics(preds["tumour"], truths["tumour"], spacing, convention),
-                         **lesion_detection(preds["tumour"], truths["tumour"])}
-    if modality == "ct":
+    if "tumour" in preds:
+        if convention == "lits2017":
+            out["tumour"] = lits2017_tumour(preds["tumour"], truths["tumour"], spacing)
+        else:
+            out["tumour"] = {**binary_metrics(preds["tumour"], truths["tumour"], spacing, convention),
+                             **lesion_detection(preds["tumour"], truths["tumour"])}
+    if "liver" in preds and "tumour" in preds:
         out["tumour"].update(tumour_burden_error(pred_labels, truth_labels, convention))
     return out
 

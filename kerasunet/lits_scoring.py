@@ -31,7 +31,7 @@ import numpy as np
 
 from kerasunet.core.atomic import atomic_path, write_csv, write_json
 from kerasunet.core.cases import check_label
-from kerasunet.core.labels import OUTPUTS
+from kerasunet.core.labels import OUTPUTS, as_outputs
 from kerasunet.core.nifti import NIFTI_SUFFIXES, Volume, VolumeError, load_volume, strip_nifti_suffix, \
     to_original_order
 from kerasunet.lits_metrics import DISTANCES, LARGE, METRICS, case_metrics, check_convention, default_convention
@@ -116,14 +116,16 @@ def burden_summary(errors) -> dict:
             "n": int(finite.size), "n_undefined": int(errors.size - finite.size)}
 
 
-def summarize_cases(per_case: list[dict], modality: str, convention: str) -> dict:
-    """Summary of one model over cases: ``{"convention", "structures": {...}}`` plus, for CT,
-    ``tumour_burden`` and, for lits2017 CT, ``lits2017_scores`` (the organisers' names)."""
+def summarize_cases(per_case: list[dict], outputs, convention: str) -> dict:
+    """Summary of one model over cases: ``{"convention", "structures": {...}}`` plus, where the
+    scored structures (``outputs``; "ct"/"mri" stand for their defaults) are liver and tumour,
+    ``tumour_burden`` and, for lits2017, ``lits2017_scores`` (the organisers' names)."""
     check_convention(convention)
+    outputs = as_outputs(outputs)
     structures = {s: summarize_lits2017([m[s] for m in per_case], s) if convention == "lits2017"
-                  else summarize_medpy([m[s] for m in per_case]) for s in OUTPUTS[modality]}
+                  else summarize_medpy([m[s] for m in per_case]) for s in outputs}
     summary = {"convention": convention, "structures": structures}
-    if modality == "ct":
+    if "liver" in outputs and "tumour" in outputs:
         summary["tumour_burden"] = burden_summary(m["tumour"]["burden_error"] for m in per_case)
         if convention == "lits2017":
             summary["lits2017_scores"] = organiser_scores(summary)
@@ -233,16 +235,21 @@ def structure_table(summary: dict, structure: str) -> list[str]:
     return lines
 
 
+def summary_outputs(summary: dict) -> tuple[str, ...]:
+    """The structures a summary scores: its ``outputs`` (summaries before that key: the modality's)."""
+    return tuple(summary.get("outputs") or OUTPUTS[summary["modality"]])
+
+
 def metrics_section(summary: dict) -> list[str]:
-    """The report's metric tables: one per structure, then tumour burden (CT)."""
-    structures = OUTPUTS[summary["modality"]]
+    """The report's metric tables: one per structure, then tumour burden (liver and tumour scored)."""
+    structures = summary_outputs(summary)
     lines = []
     for structure in structures:
         title = structure.capitalize()
         if structure == "tumour" and summary["convention"] == "lits2017":
             title += " (VOE, RVD and distances per detected lesion)"
         lines += ["", f"## {title}", "", *structure_table(summary, structure)]
-    if summary["modality"] == "ct":
+    if "liver" in structures and "tumour" in structures:
         lines += ["", "## Tumour burden", "", "| model | RMSE | max error | cases |", "|---|---|---|---|"]
         groups = [*summary["models"].items(),
                   *((f"baseline: {n}", b) for n, b in summary.get("baselines", {}).items())]
@@ -260,12 +267,12 @@ def stored_spacing(volume: Volume) -> tuple[float, ...]:
     return tuple(float(z) for z in volume.image.header.get_zooms()[:3])
 
 
-def score_volume(pred: np.ndarray, truth: np.ndarray, volume: Volume, modality: str, convention: str) -> dict:
+def score_volume(pred: np.ndarray, truth: np.ndarray, volume: Volume, outputs, convention: str) -> dict:
     """:func:`~kerasunet.lits_metrics.case_metrics` of two canonical-order label maps, scored in
     the voxel order ``volume``'s file stores, so lesions are numbered as the organisers' program
     numbers them when it reads that file (their lesion matching depends on the numbering)."""
     image = volume.image
-    return case_metrics(to_original_order(pred, image), to_original_order(truth, image), modality,
+    return case_metrics(to_original_order(pred, image), to_original_order(truth, image), outputs,
                         stored_spacing(volume), convention)
 
 
@@ -300,7 +307,7 @@ def pair_masks(pred_dir: Path, truth_dir: Path) -> tuple[list[tuple[str, Path, P
     return pairs, skipped
 
 
-def read_pair(pred_path: Path, truth_path: Path, modality: str) -> tuple[np.ndarray, np.ndarray, Volume]:
+def read_pair(pred_path: Path, truth_path: Path, outputs) -> tuple[np.ndarray, np.ndarray, Volume]:
     """Reads a predicted and a true label map (canonical order, checked values).
 
     Raises:
@@ -312,14 +319,14 @@ def read_pair(pred_path: Path, truth_path: Path, modality: str) -> tuple[np.ndar
     labels = []
     for path, volume in ((pred_path, pred), (truth_path, truth)):
         try:
-            labels.append(check_label(volume.data, modality))
+            labels.append(check_label(volume.data, outputs))
         except VolumeError as exc:
             raise VolumeError(f"{path}: {exc}") from None
     return labels[0], labels[1], truth
 
 
 def score_folders(pred_dir, truth_dir, out_dir, convention: str | None = None, modality: str = "ct",
-                  progress: Callable[[str], None] = print) -> dict:
+                  progress: Callable[[str], None] = print, outputs=None) -> dict:
     """Scores predicted label maps against true ones and writes metrics.csv, summary.json, report.md.
 
     Args:
@@ -329,6 +336,8 @@ def score_folders(pred_dir, truth_dir, out_dir, convention: str | None = None, m
         convention: ``"lits2017"`` or ``"medpy"``; None picks ``lits2017`` for CT, ``medpy`` for MRI.
         modality: ``"ct"`` or ``"mri"``.
         progress: receives one line per case.
+        outputs: the structures both folders' label maps hold, valued by ``labels.label_values``
+            (``("liver", "tumour")``: 0/1/2, ATLAS MRI too); None: the modality's default.
 
     Returns:
         The summary written to ``summary.json``.
@@ -338,18 +347,19 @@ def score_folders(pred_dir, truth_dir, out_dir, convention: str | None = None, m
         ValueError: an unknown convention.
     """
     convention = check_convention(convention or default_convention(modality))
+    outputs = as_outputs(outputs if outputs is not None else modality)
     pred_dir, truth_dir, out_dir = Path(pred_dir), Path(truth_dir), Path(out_dir)
     pairs, skipped = pair_masks(pred_dir, truth_dir)
     model = pred_dir.name or str(pred_dir)
     per_case, rows, cases = [], [], []
     for i, (case, pred_path, truth_path) in enumerate(pairs, 1):
         try:
-            pred, truth, volume = read_pair(pred_path, truth_path, modality)
+            pred, truth, volume = read_pair(pred_path, truth_path, outputs)
         except VolumeError as exc:
             skipped.append({"case": case, "reason": str(exc)})
             progress(f"[{i}/{len(pairs)}] {case}: skipped: {exc}")
             continue
-        metrics = score_volume(pred, truth, volume, modality, convention)
+        metrics = score_volume(pred, truth, volume, outputs, convention)
         per_case.append(metrics)
         rows.append(metrics_row(case, model, metrics, convention))
         cases.append(case)
@@ -357,8 +367,9 @@ def score_folders(pred_dir, truth_dir, out_dir, convention: str | None = None, m
     if not per_case:
         raise ScoringError(f"{truth_dir}: none of the {len(pairs) + len(skipped)} cases could be scored")
     summary = finite_or_none({"pred": str(pred_dir), "truth": str(truth_dir), "modality": modality,
-                              "convention": convention, "n_cases": len(cases), "cases": cases, "skipped": skipped,
-                              "models": {model: summarize_cases(per_case, modality, convention)}})
+                              "outputs": list(outputs), "convention": convention, "n_cases": len(cases),
+                              "cases": cases, "skipped": skipped,
+                              "models": {model: summarize_cases(per_case, outputs, convention)}})
     write_csv(out_dir / "metrics.csv", csv_rows(rows))
     write_json(out_dir / "summary.json", summary)
     with atomic_path(out_dir / "report.md") as tmp:
@@ -368,7 +379,7 @@ def score_folders(pred_dir, truth_dir, out_dir, convention: str | None = None, m
 
 def render_folder_report(summary: dict, rows: list[dict]) -> str:
     """The ``report.md`` of :func:`score_folders`."""
-    structures = OUTPUTS[summary["modality"]]
+    structures = summary_outputs(summary)
     lines = [f"# Scores: `{summary['pred']}` against `{summary['truth']}`", "",
              f"- {summary['n_cases']} cases scored ({summary['modality']}), {len(summary['skipped'])} skipped",
              convention_note(summary["convention"])]

@@ -1,4 +1,4 @@
-"""Segmentation losses for multi-label sigmoid outputs ``[B, H, W, N]``.
+"""Segmentation losses for multi-label sigmoid outputs ``[B, H, W, N]`` or ``[B, D, H, W, N]``.
 
 The research trained with BCE alone and reported blurry tumours; the default
 here is BCE + soft Dice, which rewards overlap on small structures directly.
@@ -39,8 +39,11 @@ def mean_sums(values):
 
 
 def dice_sums(y_true, y_pred):
-    """Per-channel ``(Σ y·p, Σ y + Σ p)`` over batch, height and width."""
-    axes = (0, 1, 2)
+    """Per-channel ``(Σ y·p, Σ y + Σ p)`` over the batch and every spatial axis.
+
+    Works for 2D ``[B, H, W, N]`` and 3D ``[B, D, H, W, N]`` tensors alike.
+    """
+    axes = tuple(range(len(y_true.shape) - 1))
     return ops.sum(y_true * y_pred, axis=axes), ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
 
 
@@ -178,7 +181,7 @@ class MaskedTumourLoss(BatchSumsLoss):
     Args:
         liver_channel: Index of the liver channel.
         tumour_channel: Index of the tumour channel.
-        dilation: Grow the liver mask by this many pixels (a square max-pool), so
+        dilation: Grow the liver mask by this many pixels (a square or cubic max-pool), so
             tumours at the liver border are not cut off; 0 uses the mask as is.
         smooth: Soft Dice smoothing term.
     """

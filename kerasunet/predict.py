@@ -21,6 +21,20 @@ preprocessing, done in its exported graph (``kerasunet.export``); :func:`final_l
 runs here as for a local model, so served and local masks are the same. TTA needs the local
 model.
 
+A 3D run (``info.dims == 3``; :func:`predict_volume_3d`) segments the volume with the sliding
+window (:mod:`kerasunet.sliding_window`: windows of the run's ``patch_size``, 50 % overlap,
+Gaussian weighting, ``patch_batch_size`` windows per model call, so the network's memory is
+bounded by that batch, not by the volume). The model's axes ``(D, H, W)`` are the canonical
+``(z, x, y)``: ``np.moveaxis(data, 2, 0)``, the records builder's order for volumes. The
+steps: the case statistics of the whole raw volume (``case_stats``, as for slices); the raw
+volume resampled (linear) to the run's ``spacing`` when the volume's differs, with the
+builder's own ``resample``; each window normalised (``normalize_np``) just before the model,
+the volume padded where shorter than a window with the window's lower bound ``lo``
+(normalised: the 2D pad value); probabilities resampled back (linear) to the input grid and
+only then thresholded (:func:`final_labels`, the 2D post-processing). ``tta`` averages the 8
+flips of the three axes. A served 3D model (``kerasunet.export``) gets the same raw windows
+and the same statistics, and normalises in its graph, so its masks equal the local ones.
+
 Output naming for a folder input (``predict_path``):
 
 * LiTS layout ``volume-N.nii[.gz]`` -> ``OUT/segmentation-N.nii[.gz]`` (same suffix), the
@@ -55,12 +69,14 @@ from kerasunet.core.dicom import holds_dicom
 from kerasunet.core.nifti import Volume, VolumeError, is_nifti, save_like, strip_nifti_suffix
 from kerasunet.postprocess import PostprocessSettings, postprocess
 from kerasunet.core.preprocessing import case_stats, normalize_np
-from kerasunet.core.runs import RunInfo, load_model, resolve_run
+from kerasunet.core.runs import RunError, RunInfo, load_model, resolve_run
 from kerasunet.core.stacking import stack_slices
+from kerasunet.sliding_window import OVERLAP, sliding_window_predict
 
 # (flip height, flip width) for test-time augmentation; each is its own inverse.
 TTA_FLIPS = ((False, False), (True, False), (False, True), (True, True))
 ENGINES = ("keras", "onnx")
+OUTPUT_FORMATS = ("nifti", "dicom-seg")  # dicom-seg: DICOM series input only (kerasunet.dicom_seg)
 
 
 @dataclass(frozen=True)
@@ -68,8 +84,8 @@ class PredictSettings:
     """How volumes are segmented.
 
     Attributes:
-        batch_size: slices per model call.
-        tta: average the probabilities over flips (4x the model calls).
+        batch_size: slices per model call (2D models).
+        tta: average the probabilities over flips (4x the model calls; 3D models 8x).
         threshold: probability at or above which a voxel is foreground.
         postprocess: the post-processing rules (``PostprocessSettings(enabled=False)`` skips them).
         save_probabilities: also write the float32 probability maps.
@@ -79,6 +95,12 @@ class PredictSettings:
         engine: what runs a local model (``ENGINES``): ``keras`` (the run's ``.keras`` model) or
             ``onnx`` (its ``model.onnx`` under onnxruntime, with no TensorFlow import;
             ``kerasunet.onnx_engine``). Preprocessing and labels are the same numpy code for both.
+        patch_batch_size: sliding windows per model call (3D models; with a server, per
+            request); bounds the memory the network needs.
+        lesion_filter: thresholds on per-lesion features (``kerasunet.lesion_filter``,
+            ``--lesion-filter FILE``) applied after the post-processing; None keeps all lesions.
+        output_format: ``nifti`` masks, or ``dicom-seg``: a DICOM Segmentation per DICOM
+            series input (``kerasunet.dicom_seg``; the mask's path with ``.dcm``).
     """
 
     batch_size: int = 16
@@ -90,12 +112,20 @@ class PredictSettings:
     layout: str | None = None
     series: str | None = None
     engine: str = "keras"
+    patch_batch_size: int = 2
+    lesion_filter: object = None  # a kerasunet.lesion_filter.LesionFilter, or None
+    output_format: str = "nifti"
 
     def __post_init__(self):
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"Expected output_format in {OUTPUT_FORMATS}. "
+                             f"Received: output_format={self.output_format!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"Expected engine in {ENGINES}. Received: engine={self.engine!r}")
         if self.batch_size < 1:
             raise ValueError(f"Expected batch_size >= 1. Received: batch_size={self.batch_size}")
+        if self.patch_batch_size < 1:
+            raise ValueError(f"Expected patch_batch_size >= 1. Received: patch_batch_size={self.patch_batch_size}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"Expected 0 < threshold < 1. Received: threshold={self.threshold}")
 
@@ -131,8 +161,15 @@ def load_predictor(model, engine: str = "keras") -> tuple[object, RunInfo]:
     if engine == "onnx":
         from kerasunet.onnx_engine import load_onnx_predictor
 
-        return load_onnx_predictor(model)
+        net, info = load_onnx_predictor(model)
+        if info.cascade:  # the ONNX file holds one stage; kerasunet.cascade runs both with Keras
+            raise RunError(f"{info.model_path}: a cascade's second stage; predict it with --engine keras")
+        return net, info
     info = model if isinstance(model, RunInfo) else resolve_run(model)
+    if info.cascade:  # both stages (kerasunet.cascade)
+        from kerasunet.cascade import load_cascade
+
+        return load_cascade(info), info
     return load_model(info), info
 
 
@@ -211,6 +248,18 @@ def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettin
         ``(labels, probabilities)``: uint8 ``(x, y, z)`` in the dataset's label convention and
         float32 ``(x, y, z, N)``, both in canonical order.
     """
+    if info.dims == 3:
+        return predict_volume_3d(model, info, volume, settings)
+    if info.cascade:  # ``model`` is load_predictor's CascadeModel
+        from kerasunet.cascade import predict_cascade
+
+        return predict_cascade(model, volume, settings)
+    probs = volume_probabilities(model, info, volume, settings)
+    return final_labels(probs, info.outputs, volume.spacing, settings, volume.data), probs
+
+
+def volume_probabilities(model, info: RunInfo, volume: Volume, settings: PredictSettings) -> np.ndarray:
+    """A 2D model's probabilities ``(x, y, z, N)`` of one volume, before any threshold."""
     stats = case_stats(volume.data, info.norm)
     slices = normalize_np(np.ascontiguousarray(np.moveaxis(volume.data, 2, 0)), stats)
     depth_z, height, width = slices.shape
@@ -226,18 +275,82 @@ def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettin
             batch = resize(batch, resize_to)
         out = model_probabilities(model, batch, settings.tta, settings.batch_size)
         probs[indices] = resize(out, (height, width)) if resize_to else out[:, :height, :width, :]
-    probs = np.moveaxis(probs, 0, 2)
-    return final_labels(probs, info.outputs, volume.spacing, settings), probs
+    return np.moveaxis(probs, 0, 2)
 
 
-def final_labels(probs: np.ndarray, outputs, spacing, settings: PredictSettings) -> np.ndarray:
+def predict_volume_3d(model, info: RunInfo, volume: Volume, settings: PredictSettings = PredictSettings()
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Segments one volume with a 3D run's model by sliding window (module docstring).
+
+    Args:
+        model: the loaded model of ``info`` (anything with ``predict_on_batch``).
+        info: the 3D run's settings (norm, ``patch_size``, ``spacing``, outputs).
+        volume: the input, canonical order.
+        settings: windows per call (``patch_batch_size``), TTA, threshold, post-processing.
+
+    Returns:
+        ``(labels, probabilities)`` as :func:`predict_volume` returns them, in the input's grid.
+    """
+
+    def predict_raw(raw: np.ndarray, stats: np.ndarray) -> np.ndarray:
+        return _predict_full_batch(model, normalize_np(raw, stats), settings.patch_batch_size)
+
+    return segment_volume_3d(predict_raw, volume, info.norm, info.patch_size, info.spacing, info.outputs, settings)
+
+
+def segment_volume_3d(predict_raw: Callable[[np.ndarray, np.ndarray], np.ndarray], volume: Volume, norm,
+                      patch_size, model_spacing, outputs, settings: PredictSettings,
+                      batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The 3D steps shared by local and served models: resample, slide, resample back, label.
+
+    Args:
+        predict_raw: ``predict_raw(raw[N, D, H, W, 1], stats[4]) -> probs[N, D, H, W, K]``:
+            normalises the raw windows with ``stats`` and runs the network.
+        volume: the input, canonical order.
+        norm: the run's ``NormSettings``.
+        patch_size: the window ``(D, H, W)``.
+        model_spacing: the ``(D, H, W)`` spacing in mm the model expects, or None (as stored).
+        outputs: the structures of the K output channels.
+        settings: TTA, threshold, post-processing and ``patch_batch_size``.
+        batch_size: windows per ``predict_raw`` call; default ``settings.patch_batch_size``.
+
+    Returns:
+        ``(labels, probabilities)``: uint8 ``(x, y, z)`` and float32 ``(x, y, z, K)``.
+    """
+    stats = case_stats(volume.data, norm)
+    raw = np.ascontiguousarray(np.moveaxis(volume.data, 2, 0), dtype=np.float32)  # (z, x, y) = (D, H, W)
+    spacing = tuple(float(volume.spacing[i]) for i in (2, 0, 1))
+    grid = raw.shape
+    resampled = model_spacing is not None and not np.allclose(spacing, model_spacing, rtol=1e-3)
+    if resampled:
+        from tfrecords_builder.volumes import resample, resampled_shape
+
+        raw = resample(raw, resampled_shape(grid, spacing, model_spacing), order=1)
+    probs = sliding_window_predict(lambda batch: predict_raw(batch, stats), raw[..., None], patch_size,
+                                   OVERLAP, batch_size or settings.patch_batch_size,
+                                   flip_axes=(0, 1, 2) if settings.tta else (), pad_value=float(stats[0]))
+    if resampled:  # back to the input grid, linear, before any threshold
+        probs = resample(probs, (*grid, probs.shape[-1]), order=1)
+    probs = np.ascontiguousarray(np.moveaxis(probs, 0, 2), dtype=np.float32)  # (x, y, z, K)
+    return final_labels(probs, outputs, volume.spacing, settings, volume.data), probs
+
+
+def final_labels(probs: np.ndarray, outputs, spacing, settings: PredictSettings, image=None) -> np.ndarray:
     """Thresholded, post-processed uint8 labels of probabilities ``(x, y, z, N)``.
 
     The one rule after the network, for local (:func:`predict_volume`) and served
-    (:func:`predict_volume_served`) models alike, so both give the same masks.
+    (:func:`predict_volume_served`) models alike, so both give the same masks. With
+    ``settings.lesion_filter`` the tumour lesions then pass :mod:`kerasunet.lesion_filter`
+    (it needs ``image``, the input volume, for their contrast).
     """
-    labels = labels_from_probabilities_np(probs, outputs, settings.threshold)
-    return postprocess(labels, outputs, spacing, settings.postprocess)
+    labels = postprocess(labels_from_probabilities_np(probs, outputs, settings.threshold), outputs, spacing,
+                         settings.postprocess)
+    if settings.lesion_filter is None or "tumour" not in outputs:
+        return labels
+    from kerasunet.lesion_filter import filter_lesions
+
+    return filter_lesions(labels, probs[..., list(outputs).index("tumour")], image, spacing,
+                          settings.lesion_filter, outputs)
 
 
 def predict_volume_served(served, volume: Volume, settings: PredictSettings = PredictSettings(),
@@ -264,8 +377,38 @@ def predict_volume_served(served, volume: Volume, settings: PredictSettings = Pr
     from kerasunet.serving_client import predict_probabilities
 
     _check_servable(settings)
-    probs = predict_probabilities(served, volume.data, settings.batch_size, timeout)
-    return final_labels(probs, served.outputs, volume.spacing, settings), probs
+    probs = predict_probabilities(served, volume.data, settings.batch_size, timeout, spacing=volume.spacing)
+    return final_labels(probs, served.outputs, volume.spacing, settings, volume.data), probs
+
+
+def predict_volume_served_3d(served, volume: Volume, settings: PredictSettings = PredictSettings(),
+                             timeout: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """Segments one volume with a served 3D model: the sliding window runs here, the network there.
+
+    The client sends raw windows and the case's statistics (``serving_client.predict_windows``);
+    resampling, windows, weighting, thresholding and post-processing are
+    :func:`segment_volume_3d`'s, as for a local model, so the masks are the same.
+
+    Args:
+        served: the ``serving_client.RemoteVolumeModel`` of ``serving_client.fetch_model``.
+        volume: the input, canonical order.
+        settings: ``patch_batch_size`` (windows per request, fewer where a gRPC message
+            would not hold them), threshold and post-processing; ``tta`` must be False.
+        timeout: seconds to wait for each answer.
+
+    Returns:
+        ``(labels, probabilities)`` as :func:`predict_volume` returns them.
+
+    Raises:
+        ValueError: ``settings.tta`` is True.
+        ServingError: the server fails, or one window does not fit a gRPC message.
+    """
+    from kerasunet.serving_client import predict_windows, windows_per_request
+
+    _check_servable(settings)
+    return segment_volume_3d(lambda raw, stats: predict_windows(served, raw, stats, timeout), volume, served.norm,
+                             served.patch_size, served.spacing, served.outputs, settings,
+                             windows_per_request(served, settings.patch_batch_size))
 
 
 def output_name(image: Path) -> str:
@@ -368,10 +511,11 @@ def predict_path(model, input_path, output_path, settings: PredictSettings = Pre
         RunError: the model is missing, not a kerasunet model, or mismatches its config.
         VolumeError: the input path itself is unusable (missing, no cases).
     """
-    jobs = plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities, settings.layout,
-                     settings.series)
+    jobs = _output_jobs(plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities,
+                                  settings.layout, settings.series), settings)
     net, info = load_predictor(model, settings.engine)
-    return run_jobs(jobs, _segment_job(lambda volume: predict_volume(net, info, volume, settings)), progress)
+    return run_jobs(jobs, _segment_job(lambda volume: predict_volume(net, info, volume, settings),
+                                       settings.output_format, info.outputs), progress)
 
 
 def predict_path_served(server: str, model_name: str, input_path, output_path,
@@ -410,13 +554,15 @@ def predict_path_served(server: str, model_name: str, input_path, output_path,
     from kerasunet.serving_client import ServingError, fetch_model
 
     _check_servable(settings)
-    jobs = plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities, settings.layout,
-                     settings.series)
+    jobs = _output_jobs(plan_jobs(input_path, output_path, settings.phase, settings.save_probabilities,
+                                  settings.layout, settings.series), settings)
     if modality is None and Path(input_path).is_dir():
         modality = open_dataset(input_path, settings.layout, settings.phase, settings.series).modality
     with fetch_model(server, model_name, version, timeout=timeout, label=label, modality=modality,
                      max_message_bytes=max_message_bytes) as served:
-        return run_jobs(jobs, _segment_job(lambda volume: predict_volume_served(served, volume, settings, timeout)),
+        segment = predict_volume_served_3d if getattr(served, "dims", 2) == 3 else predict_volume_served
+        return run_jobs(jobs, _segment_job(lambda volume: segment(served, volume, settings, timeout),
+                                           settings.output_format, served.outputs),
                         progress, errors=(VolumeError, OSError, ServingError))
 
 
@@ -425,13 +571,29 @@ def _check_servable(settings: PredictSettings) -> None:
         raise ValueError("Expected tta=False for a served model (its graph has no flips). Received: tta=True")
 
 
-def _segment_job(segment: Callable[[Volume], tuple[np.ndarray, np.ndarray]]) -> Callable[[Job], str]:
-    """A ``run_jobs`` step: read the job's volume, ``segment`` it, write its mask (and probabilities)."""
+def _output_jobs(jobs: list[Job], settings: PredictSettings) -> list[Job]:
+    """The jobs with DICOM SEG outputs for ``output_format="dicom-seg"`` (``kerasunet.dicom_seg.seg_jobs``)."""
+    if settings.output_format != "dicom-seg":
+        return jobs
+    from kerasunet.dicom_seg import seg_jobs
+
+    return seg_jobs(jobs)
+
+
+def _segment_job(segment: Callable[[Volume], tuple[np.ndarray, np.ndarray]], output_format: str = "nifti",
+                 outputs=()) -> Callable[[Job], str]:
+    """A ``run_jobs`` step: read the job's volume, ``segment`` it, write its mask (and probabilities);
+    ``dicom-seg`` writes the mask as a DICOM SEG of the structures ``outputs``."""
 
     def predict_one(job: Job) -> str:
         volume = load_image(job.image, job.series)
         labels, probs = segment(volume)
-        save_like(labels, volume, job.output, dtype=np.uint8)
+        if output_format == "dicom-seg":
+            from kerasunet.dicom_seg import write_segmentation
+
+            write_segmentation(labels, volume, outputs, job.output, job.series)
+        else:
+            save_like(labels, volume, job.output, dtype=np.uint8)
         if job.probabilities is not None:
             save_like(probs, volume, job.probabilities, dtype=np.float32)
         return f"{volume.data.shape[2]} slices"

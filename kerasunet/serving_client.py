@@ -12,10 +12,14 @@ What the signature says, and what is refused before any volume is sent (one line
 
 * the ``image`` input's static channel size is ``2K+1``, the 2.5D context the model was
   exported with; stacks with another channel count are refused (:func:`predict_batch`);
-* the ``probabilities`` output's static channel size is ``len(labels.OUTPUTS[modality])``
-  (CT liver + tumour = 2, MRI tumour = 1), so it names the modality; an input of the other
-  modality (``fetch_model(modality=...)``, which ``predict_path_served`` takes from the
-  input folder's layout) is refused.
+* the output keys of the ``model_info`` signature (``kerasunet.export``), which the metadata
+  lists, name the served modality and the structures of the ``probabilities`` channels
+  (``RemoteModel.outputs``: CT liver + tumour, MRI tumour, or an ATLAS-like MRI model's
+  liver + tumour); their number must be the static channel size of ``probabilities``.
+  Exports without ``model_info`` (older ones, cascades) are read by that channel size
+  (2: CT liver + tumour, 1: MRI tumour). An input of the other modality
+  (``fetch_model(modality=...)``, which ``predict_path_served`` takes from the input
+  folder's layout) is refused.
 
 One home for what both transports share: :class:`RemoteModel`, :func:`check_signature`,
 :func:`plan_batches` and :func:`predict_probabilities`. The transports are REST (here: the
@@ -29,6 +33,13 @@ warning, as each batch is then normalised on its own. CT models use a fixed wind
 batching gives the same probabilities. Over gRPC no request or answer exceeds the message
 limit (4 MiB by default, gRPC's own default, which TF Serving also keeps for what it
 receives): batches shrink until they fit.
+
+3D exports (``kerasunet.export``, ``dims`` 3) serve patches: their ``image`` input is
+``[n, D, H, W, C]`` with the patch size fixed, plus ``stats [n, 4]``. :func:`fetch_model`
+recognises them by that five-axis input and returns a :class:`RemoteVolumeModel`, which also
+holds the ``volume_settings`` signature's answer (modality, normalisation, spacing). The
+sliding window then runs on the client (``kerasunet.predict.predict_volume_served_3d``),
+which sends raw windows with the case's statistics (:func:`predict_windows`).
 """
 
 from __future__ import annotations
@@ -43,9 +54,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kerasunet.core.labels import OUTPUTS
+from kerasunet.cascade import SPACING_INPUT
+from kerasunet.core.labels import OUTPUTS, STRUCTURES, check_outputs
+from kerasunet.core.preprocessing import MODALITIES, NormSettings
 from kerasunet.core.stacking import stack_slices
-from kerasunet.export import INPUT_NAME, OUTPUT_NAMES, SIGNATURE  # the export's contract (no TensorFlow)
+from kerasunet.export import (INPUT_NAME, MODEL_INFO_SIGNATURE, OUTPUT_NAMES, SETTINGS_OUTPUTS,
+                              SETTINGS_SIGNATURE, SIGNATURE, STATS_NAME)
 
 MAX_CASE_VOXELS = 8_000_000
 # Room left in a gRPC message for everything but the tensor bytes (model spec, shape, framing).
@@ -81,6 +95,8 @@ class RemoteModel:
         label: the version label asked for (``stable``, ``canary``), or None.
         max_message_bytes: gRPC: the largest request or answer; None for REST.
         channel: gRPC: the open channel (closed by :meth:`close`); None for REST.
+        served: ``(modality, outputs)`` from the ``model_info`` signature; None for exports
+            without it (then both follow from ``num_outputs``).
     """
 
     url: str
@@ -92,6 +108,8 @@ class RemoteModel:
     label: str | None = None
     max_message_bytes: int | None = None
     channel: object = field(default=None, compare=False, repr=False)
+    cascade: bool = False  # a liver-ROI cascade (kerasunet.cascade): one whole case and its spacing per request
+    served: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def context(self) -> int:
@@ -99,17 +117,18 @@ class RemoteModel:
 
     @property
     def modality(self) -> str:
-        """``ct`` or ``mri``: the modality whose outputs (``labels.OUTPUTS``) the model has."""
-        return served_modality(self.num_outputs)
+        """``ct`` or ``mri``: ``model_info``'s, else the modality whose outputs (``labels.OUTPUTS``)
+        number ``num_outputs``."""
+        return self.served[0] if self.served else served_modality(self.num_outputs)
 
     @property
     def outputs(self) -> tuple[str, ...]:
         """The structures of the ``probabilities`` channels, in order."""
-        return OUTPUTS[self.modality]
+        return self.served[1] if self.served else OUTPUTS[self.modality]
 
     @property
     def one_case_per_request(self) -> bool:
-        return self.modality == "mri"
+        return self.modality == "mri" or self.cascade
 
     @property
     def protocol(self) -> str:
@@ -205,7 +224,7 @@ def _rest_signatures(where: str, answer: dict) -> dict:
 
 
 def check_signature(where: str, signatures: dict, signature: str = SIGNATURE,
-                    modality: str | None = None) -> tuple[int, int]:
+                    modality: str | None = None, served: tuple[str, tuple[str, ...]] | None = None) -> tuple[int, int]:
     """Checks a served signature is a kerasunet export, and of ``modality`` when given.
 
     Args:
@@ -214,6 +233,8 @@ def check_signature(where: str, signatures: dict, signature: str = SIGNATURE,
             TF Serving names them (``DT_FLOAT``), dims with -1 for a free size.
         signature: the signature to call.
         modality: the input's modality (``ct``/``mri``), or None to accept either.
+        served: ``(modality, outputs)`` of the ``model_info`` signature (:func:`served_structures`),
+            or None to read both from the channel count.
 
     Returns:
         ``(channels, num_outputs)``: ``2K+1`` of ``image`` and N of ``probabilities``.
@@ -236,16 +257,39 @@ def check_signature(where: str, signatures: dict, signature: str = SIGNATURE,
     channels, num_outputs = image[1][-1], probs[1][-1]
     if channels < 1 or channels % 2 == 0:
         raise ServingError(f"{where}: input 'image' has {channels} channels; expected 2K+1 (odd)")
-    served = served_modality(num_outputs)
     if served is None:
-        counts = sorted({len(names) for names in OUTPUTS.values()})
-        raise ServingError(f"{where}: output 'probabilities' has {num_outputs} channels; "
-                           f"expected one of {counts} (CT liver+tumour, MRI tumour)")
-    if modality is not None and modality != served:
+        found = served_modality(num_outputs)
+        if found is None:
+            counts = sorted({len(names) for names in OUTPUTS.values()})
+            raise ServingError(f"{where}: output 'probabilities' has {num_outputs} channels; "
+                               f"expected one of {counts} (CT liver+tumour, MRI tumour)")
+        served = (found, OUTPUTS[found])
+    elif len(served[1]) != num_outputs:
+        raise ServingError(f"{where}: output 'probabilities' has {num_outputs} channels but {MODEL_INFO_SIGNATURE} "
+                           f"names {len(served[1])} structures ({', '.join(served[1])})")
+    if modality is not None and modality != served[0]:
         raise ServingError(f"{where}: the input is {modality.upper()} but the model was exported for "
-                           f"{served.upper()} (its 'probabilities' are {', '.join(OUTPUTS[served])}); "
+                           f"{served[0].upper()} (its 'probabilities' are {', '.join(served[1])}); "
                            f"use a model trained on {modality.upper()}")
     return channels, num_outputs
+
+
+def served_structures(where: str, signatures: dict) -> tuple[str, tuple[str, ...]] | None:
+    """``(modality, outputs)`` named by the output keys of the ``model_info`` signature (one
+    modality, the structures in ``labels.STRUCTURES`` order); None when the export has none.
+
+    Raises:
+        ServingError: its keys name not exactly one modality, or no structure, or others.
+    """
+    if MODEL_INFO_SIGNATURE not in signatures:
+        return None
+    keys = set(signatures[MODEL_INFO_SIGNATURE]["outputs"])
+    modalities = [m for m in MODALITIES if m in keys]
+    outputs = tuple(s for s in STRUCTURES if s in keys)
+    if len(modalities) != 1 or not outputs or keys - set(modalities) - set(outputs):
+        raise ServingError(f"{where}: signature {MODEL_INFO_SIGNATURE!r} has outputs {sorted(keys)}; expected one "
+                           f"modality of {MODALITIES} and structures of {STRUCTURES}")
+    return modalities[0], check_outputs(outputs)
 
 
 def _not_served(exc: ServingError, model_name: str, version: int | None, label: str | None) -> ServingError:
@@ -261,7 +305,7 @@ def _not_served(exc: ServingError, model_name: str, version: int | None, label: 
 
 def fetch_model(server: str, model_name: str, version: int | None = None, signature: str = SIGNATURE,
                 timeout: float = 60.0, *, label: str | None = None, modality: str | None = None,
-                max_message_bytes: int | None = None) -> RemoteModel:
+                max_message_bytes: int | None = None) -> "RemoteModel | RemoteVolumeModel":
     """Reads the served model's signature and checks it (:func:`check_signature`).
 
     Args:
@@ -275,8 +319,8 @@ def fetch_model(server: str, model_name: str, version: int | None = None, signat
         max_message_bytes: gRPC only: the largest request or answer; default 4 MiB.
 
     Returns:
-        The model; over gRPC it holds an open channel: use it in a ``with`` block or
-        :meth:`RemoteModel.close` it.
+        The model (a :class:`RemoteVolumeModel` for a 3D export); over gRPC it holds an open
+        channel: use it in a ``with`` block or ``close`` it.
 
     Raises:
         ValueError: both ``version`` and ``label``, or ``max_message_bytes`` for REST.
@@ -296,12 +340,19 @@ def fetch_model(server: str, model_name: str, version: int | None = None, signat
             except ServingError as exc:
                 raise _not_served(exc, model_name, version, label) from None
             where = f"{server} {serving_grpc.spec_text(model_name, version, label)}: GetModelMetadata"
-            channels, num_outputs = check_signature(where, signatures, signature, modality)
+            if is_volume_signature(signatures, signature):  # a 3D export: patches
+                return fetch_volume_settings(where, signatures, signature, modality, timeout, url=server,
+                                             name=model_name, version=version, label=label,
+                                             max_message_bytes=limit, channel=channel)
+            remote = dict(url=server, signature=signature, name=model_name, version=version, label=label,
+                          max_message_bytes=limit, channel=channel)
+            served = served_structures(where, signatures)
+            channels, num_outputs = check_signature(where, signatures, signature, modality, served)
         except BaseException:
             channel.close()
             raise
-        return RemoteModel(url=server, channels=channels, num_outputs=num_outputs, signature=signature,
-                           name=model_name, version=version, label=label, max_message_bytes=limit, channel=channel)
+        return RemoteModel(channels=channels, num_outputs=num_outputs, served=served, **remote,
+                           cascade=SPACING_INPUT in signatures[signature]["inputs"])
     if max_message_bytes is not None:
         raise ValueError(f"Expected max_message_bytes only for a grpc:// server. Received: server={server!r}")
     url = model_url(server, model_name, version, label)
@@ -309,10 +360,15 @@ def fetch_model(server: str, model_name: str, version: int | None = None, signat
         answer = call(f"{url}/metadata", timeout=timeout)
     except ServingError as exc:
         raise _not_served(exc, model_name, version, label) from None
-    channels, num_outputs = check_signature(f"{url}/metadata", _rest_signatures(f"{url}/metadata", answer),
-                                            signature, modality)
-    return RemoteModel(url=url, channels=channels, num_outputs=num_outputs, signature=signature,
-                       name=model_name, version=version, label=label)
+    signatures = _rest_signatures(f"{url}/metadata", answer)
+    if is_volume_signature(signatures, signature):  # a 3D export: patches
+        return fetch_volume_settings(f"{url}/metadata", signatures, signature, modality, timeout, url=url,
+                                     name=model_name, version=version, label=label)
+    remote = dict(url=url, signature=signature, name=model_name, version=version, label=label)
+    served = served_structures(f"{url}/metadata", signatures)
+    channels, num_outputs = check_signature(f"{url}/metadata", signatures, signature, modality, served)
+    return RemoteModel(channels=channels, num_outputs=num_outputs, served=served, **remote,
+                       cascade=SPACING_INPUT in signatures[signature]["inputs"])
 
 
 def plan_batches(num_slices: int, slice_voxels: int, batch_size: int, model: RemoteModel,
@@ -388,7 +444,7 @@ def _rest_predict(model: RemoteModel, images: np.ndarray, timeout: float) -> np.
 
 
 def predict_probabilities(model: RemoteModel, data: np.ndarray, batch_size: int = 16, timeout: float = 60.0,
-                          max_case_voxels: int = MAX_CASE_VOXELS) -> np.ndarray:
+                          max_case_voxels: int = MAX_CASE_VOXELS, spacing=None) -> np.ndarray:
     """The served model's probabilities for a volume of raw intensities.
 
     Args:
@@ -398,6 +454,8 @@ def predict_probabilities(model: RemoteModel, data: np.ndarray, batch_size: int 
             over gRPC when they would not fit the message limit.
         timeout: seconds to wait for each answer.
         max_case_voxels: largest MRI volume sent as one request.
+        spacing: the voxel size ``(x, y, z)`` in mm; a cascade (``model.cascade``) needs it and
+            gets the whole volume in one request (its ROI is the case's liver box).
 
     Returns:
         float32 ``(x, y, z, N)``, as :func:`kerasunet.predict.predict_volume` returns them.
@@ -406,8 +464,186 @@ def predict_probabilities(model: RemoteModel, data: np.ndarray, batch_size: int 
         ServingError: the server cannot be reached, times out or returns an error (its text
             is in the message).
     """
+    if model.cascade:  # the ROI is the whole case's liver box: one request, with the voxel spacing
+        images = stack_slices(data, np.arange(data.shape[2]), model.context)
+        inputs = {INPUT_NAME: images, SPACING_INPUT: np.asarray(spacing, np.float32)}
+        out = call_signature(model, model.signature, inputs, (PROBABILITIES_OUTPUT,),
+                             timeout)[PROBABILITIES_OUTPUT].astype(np.float32, copy=False)
+        if out.shape != (*images.shape[:3], model.num_outputs):
+            raise ServingError(f"{model.url}: probabilities have shape {out.shape}, expected "
+                               f"{(*images.shape[:3], model.num_outputs)}")
+        return np.moveaxis(out, 0, 2)
     probs = np.zeros((*data.shape, model.num_outputs), dtype=np.float32)
     for batch in plan_batches(data.shape[2], data.shape[0] * data.shape[1], batch_size, model, max_case_voxels):
         out = predict_batch(model, stack_slices(data, batch, model.context), timeout)
         probs[:, :, batch.start:batch.stop] = np.moveaxis(out, 0, 2)
+    return probs
+
+
+# --- 3D exports: patches in, probabilities out; the sliding window runs here -----------------
+
+@dataclass(frozen=True)
+class RemoteVolumeModel:
+    """A served 3D model (module docstring): the :class:`RemoteModel` it is called through, and
+    what its ``volume_settings`` signature says.
+
+    Attributes:
+        model: url, channels, outputs, version, label and (gRPC) channel, as for 2D models.
+        patch_size: the ``(D, H, W)`` window of the ``image`` input's static shape.
+        norm: the run's normalisation, so the client computes the statistics ``case_stats``
+            computes for a local model.
+        spacing: the ``(D, H, W)`` spacing in mm the model expects, or None.
+    """
+
+    model: RemoteModel
+    patch_size: tuple[int, int, int]
+    norm: NormSettings
+    spacing: tuple[float, float, float] | None = None
+    dims = 3  # a class constant, not a field: RemoteModel (2D) has none
+
+    @property
+    def url(self) -> str:
+        return self.model.url
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.model.outputs
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> "RemoteVolumeModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def is_volume_signature(signatures: dict, signature: str = SIGNATURE) -> bool:
+    """Whether ``signature``'s ``image`` input has five axes ``[n, D, H, W, C]`` (a 3D export)."""
+    image = signatures.get(signature, {}).get("inputs", {}).get(INPUT_NAME)
+    return image is not None and image[1] is not None and len(image[1]) == 5
+
+
+def check_volume_signature(where: str, signatures: dict, signature: str = SIGNATURE, modality: str | None = None,
+                           served: tuple[str, tuple[str, ...]] | None = None) -> tuple[tuple[int, int, int], int, int]:
+    """Checks a 3D export's signature; the rest of the checks are :func:`check_signature`'s.
+
+    Returns:
+        ``(patch_size, channels, num_outputs)``.
+
+    Raises:
+        ServingError: no fixed patch size, no ``stats [n, 4]`` input, no five-axis
+            ``probabilities``, or anything :func:`check_signature` refuses.
+    """
+    sig = signatures[signature]
+    image, stats = sig["inputs"][INPUT_NAME], sig["inputs"].get(STATS_NAME)
+    probs = sig["outputs"].get(PROBABILITIES_OUTPUT)
+    if (stats is None or stats[1] != [-1, 4] or probs is None or probs[1] is None or len(probs[1]) != 5
+            or any(size < 1 for size in image[1][1:4]) or SETTINGS_SIGNATURE not in signatures):
+        raise ServingError(f"{where}: signature {signature!r} is not a kerasunet 3D export (expected float32 inputs "
+                           f"'image' [n, D, H, W, C] of a fixed patch size and '{STATS_NAME}' [n, 4], outputs "
+                           f"'probabilities' [n, D, H, W, N] and 'mask', and a '{SETTINGS_SIGNATURE}' signature)")
+    # one slice of each patch looks like a 2D export's input: check_signature checks the rest
+    flat = {kind: {key: (t[0], t[1] if t[1] is None or len(t[1]) != 5 else [t[1][0], *t[1][2:]])
+                   for key, t in sig[kind].items() if key != STATS_NAME} for kind in ("inputs", "outputs")}
+    channels, num_outputs = check_signature(where, {signature: flat}, signature, modality, served)
+    return tuple(image[1][1:4]), channels, num_outputs
+
+
+def fetch_volume_settings(where: str, signatures: dict, signature: str, modality: str | None, timeout: float,
+                          **remote) -> RemoteVolumeModel:
+    """A :class:`RemoteVolumeModel` of a checked 3D signature and its ``volume_settings`` answer.
+
+    Args:
+        where: the start of error messages.
+        signatures: the served signatures (:func:`check_signature`'s form).
+        signature: the signature to call.
+        modality: the input's modality, or None to accept either.
+        timeout: seconds to wait for the answer.
+        **remote: the :class:`RemoteModel` fields other than channels, outputs and signature.
+
+    Raises:
+        ServingError: the signature is refused or the settings cannot be read.
+    """
+    served = served_structures(where, signatures)
+    patch_size, channels, num_outputs = check_volume_signature(where, signatures, signature, modality, served)
+    model = RemoteModel(channels=channels, num_outputs=num_outputs, signature=signature, served=served, **remote)
+    values = call_signature(model, SETTINGS_SIGNATURE, {INPUT_NAME: np.zeros(1, np.float32)}, SETTINGS_OUTPUTS,
+                            timeout)
+    try:
+        norm = NormSettings(MODALITIES[int(values["modality"])], tuple(float(v) for v in values["hu_window"]),
+                            tuple(float(v) for v in values["percentiles"]))
+        spacing = tuple(float(v) for v in values["spacing"])
+    except (IndexError, TypeError, ValueError) as exc:
+        raise ServingError(f"{model.url}: {SETTINGS_SIGNATURE}: unusable answer ({exc})") from None
+    return RemoteVolumeModel(model, patch_size, norm, spacing if any(spacing) else None)
+
+
+def call_signature(model: RemoteModel, signature: str, inputs: dict, outputs, timeout: float) -> dict:
+    """One predict call of ``signature`` with several named inputs; the named outputs as arrays.
+
+    Raises:
+        ServingError: the call fails or an output is missing.
+    """
+    if model.protocol == "grpc":
+        from kerasunet import serving_grpc
+
+        p = serving_grpc.protos()
+        where = f"{model.url} {serving_grpc.spec_text(model.name, model.version, model.label)}"
+        request = p.PredictRequest(model_spec=serving_grpc.model_spec(model.name, model.version, model.label,
+                                                                      signature), output_filter=list(outputs))
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(serving_grpc.tensor_proto(value))
+        answer = serving_grpc.call(model.channel, "Predict", request, timeout, where)
+        try:
+            return {key: serving_grpc.to_array(answer.outputs[key]) for key in outputs}
+        except (KeyError, ValueError) as exc:
+            raise ServingError(f"{where}: Predict {signature}: unusable output ({exc})") from None
+    url = f"{model.url}:predict"
+    answer = call(url, {"signature_name": signature, "inputs": {k: v.tolist() for k, v in inputs.items()}}, timeout)
+    try:
+        return {key: np.asarray(answer["outputs"][key]) for key in outputs}
+    except (KeyError, TypeError, ValueError):
+        raise ServingError(f"{url}: answer has no outputs {', '.join(outputs)}") from None
+
+
+def windows_per_request(served: RemoteVolumeModel, batch_size: int) -> int:
+    """Windows per request: ``batch_size``, fewer where a gRPC message would not hold them.
+
+    Raises:
+        ServingError: one window alone exceeds the gRPC message limit.
+    """
+    limit, model = served.model.max_message_bytes, served.model
+    if limit is None:
+        return batch_size
+    window_bytes = 4 * int(np.prod(served.patch_size)) * max(model.channels, model.num_outputs)
+    fits = (limit - MESSAGE_OVERHEAD_BYTES) // window_bytes
+    if fits < 1:
+        raise ServingError(f"{model.url}: one {'x'.join(map(str, served.patch_size))} window is "
+                           f"{window_bytes / 2**20:.1f} MiB, over the {limit / 2**20:g} MiB message limit; raise "
+                           "--grpc-max-message-mb here and grpc.max_receive_message_length on the server")
+    return min(batch_size, fits)
+
+
+def predict_windows(served: RemoteVolumeModel, raw: np.ndarray, stats: np.ndarray, timeout: float) -> np.ndarray:
+    """The served probabilities ``[n, D, H, W, N]`` of raw windows ``[n, D, H, W, C]``.
+
+    Args:
+        served: from :func:`fetch_model` (a 3D export).
+        raw: windows of raw intensities, the served patch size.
+        stats: the case's ``[lo, hi, mean, std]`` (``case_stats`` of the whole volume).
+        timeout: seconds to wait for the answer.
+
+    Raises:
+        ServingError: the request fails or the answer has the wrong shape.
+    """
+    model = served.model
+    raw = np.asarray(raw, np.float32)
+    rows = np.tile(np.asarray(stats, np.float32), (len(raw), 1))
+    probs = call_signature(model, model.signature, {INPUT_NAME: raw, STATS_NAME: rows}, (PROBABILITIES_OUTPUT,),
+                           timeout)[PROBABILITIES_OUTPUT].astype(np.float32, copy=False)
+    expected = (*raw.shape[:-1], model.num_outputs)
+    if probs.shape != expected:
+        raise ServingError(f"{model.url}: probabilities have shape {probs.shape}, expected {expected}")
     return probs

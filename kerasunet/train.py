@@ -41,6 +41,21 @@ names the rule. The plateau schedule watches the same number.
 A shard that goes missing or is cut short while training reads it stops the run with one
 line naming the shard; the checkpoint of the last finished epoch is kept.
 
+3D (``--dims 3``, docs/3d.md): the same loop, losses, modes, precision, distribution and
+resume on patches of volume records (:func:`kerasunet.patches.get_patch_dataset`), with the
+3D network planned from the records' median spacing (``build_unet(dims=3, spacing=...)``).
+Before anything is built, the planner's peak-memory estimate per replica is printed in
+float32 and mixed precision, and a patch over ``--memory-budget`` is refused in one line
+naming the largest patch of the same shape that fits (:func:`check_memory_plan`). An epoch
+is ``PATCHES_PER_VOLUME`` patches per training volume unless ``--steps-per-epoch`` says.
+
+Cascade (``--stage tumour --liver-model RUN``, :mod:`kerasunet.cascade`): the same loop on
+the liver ROIs of the slice records, resized to ``--roi-size``, with one output (tumour; the
+records' liver-and-tumour labels give its targets). The ROI is each case's liver box plus
+``--roi-margin-mm``, jittered in training; slices outside its z range are dropped. The
+liver model is checked (a 2D run that outputs liver, of the records' modality) before
+anything is built, and config.json records it under ``cascade``.
+
 In multi-worker runs only the chief (task ``chief``, else ``worker`` 0) writes ``--out``;
 the other workers write their checkpoints and logs to a temporary folder deleted at the
 end, and resume from the chief's checkpoints (a shared file system is assumed).
@@ -60,6 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from kerasunet.cascade import CascadeSettings
 from kerasunet.core.records_format import MANIFEST_FILE
 from kerasunet.train_settings import TrainError, TrainSettings
 
@@ -87,6 +103,7 @@ class Inputs:
     steps: int
     channels: int
     output_names: tuple
+    spacing: tuple | None = None  # 3D: the (D, H, W) spacing the pooling is planned from
 
 
 @dataclass
@@ -145,6 +162,12 @@ def fit(settings: TrainSettings, progress=print) -> FitResult:
     from kerasunet.rundir import check_run_dir
 
     manifest, manifest_sha = read_manifest(Path(settings.records))
+    check_records_kind(settings, manifest)
+    if settings.stage == "tumour":
+        check_cascade(settings, manifest)
+    if settings.dims == 3:
+        check_3d_precision(settings)
+        check_memory_plan(settings, manifest, strategy, progress)
     run_dir = Path(settings.out)
     chief = is_chief(tf_config())
     if chief:
@@ -238,12 +261,132 @@ def shard_options(num_files: int):
 
 # --- setup -------------------------------------------------------------------------------
 
+def check_records_kind(settings: TrainSettings, manifest: dict) -> None:
+    """Raises a :class:`TrainError` when the records' kind (slices, volumes) does not fit ``--dims``."""
+    kind = manifest.get("kind", "slices")
+    if (kind == "volumes") != (settings.dims == 3):
+        raise TrainError(f"{settings.records}: holds {kind.rstrip('s')} records; --dims {settings.dims} trains on "
+                         + ("volume records (build-records --volumes)" if settings.dims == 3
+                            else "slice records (build-records without --volumes), or pass --dims 3"))
+
+
+def default_memory_budget() -> float:
+    """GiB of the first GPU's memory as TensorFlow's allocator sees it, else ``CPU_MEMORY_BUDGET``."""
+    import tensorflow as tf
+
+    from kerasunet.train_settings import CPU_MEMORY_BUDGET
+
+    if not tf.config.list_physical_devices("GPU"):
+        return CPU_MEMORY_BUDGET
+    from tensorflow.python.client import device_lib  # the only API that reports a GPU's memory
+
+    limits = [d.memory_limit for d in device_lib.list_local_devices() if d.device_type == "GPU"]
+    return limits[0] / 2**30 if limits else CPU_MEMORY_BUDGET
+
+
+def check_3d_precision(settings: TrainSettings) -> None:
+    """Refuses mixed precision for a 3D run on CPU: TensorFlow has no float16 MaxPool3D kernel there."""
+    import tensorflow as tf
+
+    if settings.mixed_precision == "on" and not tf.config.list_physical_devices("GPU"):
+        raise TrainError("--mixed-precision on with --dims 3 needs a GPU (TensorFlow has no float16 3D "
+                         "max-pooling on CPU); use --mixed-precision auto or off")
+
+
+def check_memory_plan(settings: TrainSettings, manifest: dict, strategy, progress) -> None:
+    """Prints the planner's peak-memory estimate of one 3D training step per replica, in float32
+    and mixed precision, and refuses a patch whose estimate for the run's precision is over the
+    budget.
+
+    Raises:
+        TrainError: one line: a patch that breaks the pooling's size rule, or over the budget
+            (naming the largest patch of the same shape that fits).
+    """
+    from kerasunet.patches import records_spacing
+    from kerasunet.planner import PRECISIONS, check_memory, estimate_memory
+
+    s = settings
+    budget = s.memory_budget or default_memory_budget()
+    batch = -(-s.batch_size // strategy.num_replicas_in_sync)
+    arch = dict(channels=int(manifest.get("channels", 1)), num_outputs=len(manifest_outputs(manifest)),
+                filters=s.filters, depth=s.depth, spacing=records_spacing(manifest))
+    precision = precision_policy(s.mixed_precision, lambda line: None)
+    try:
+        for name in PRECISIONS:
+            progress(f"memory estimate per replica: {estimate_memory(s.patch_size, batch, name, **arch).describe()}")
+        check_memory(s.patch_size, budget, batch, precision, **arch)
+    except ValueError as exc:  # MemoryBudgetError, or a patch the pooling cannot take
+        raise TrainError(str(exc)) from None
+
+
+def make_patch_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: int) -> Inputs:
+    """:func:`make_inputs` for ``--dims 3``: patches of volume records (:mod:`kerasunet.patches`)."""
+    from kerasunet.patches import PATCH_AUGMENT, PATCHES_PER_VOLUME, get_patch_dataset, records_spacing
+
+    s, splits = settings, manifest["splits"]
+    steps = s.steps_per_epoch or max(1, splits["train"]["num_examples"] * PATCHES_PER_VOLUME // s.batch_size)
+    try:
+        train_ds = get_patch_dataset(s.records, "train", s.batch_size, True, s.patch_size,
+                                     foreground_share=s.oversample_tumour,
+                                     augment=PATCH_AUGMENT if s.augment else None, seed=s.seed + start_epoch,
+                                     repeat=True, drop_remainder=True)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    train_ds = train_ds.with_options(shard_options(len(splits["train"]["shards"])))
+    val = None
+    if (splits.get("val") or {}).get("num_examples", 0) > 0:
+        val = get_patch_dataset(s.records, "val", s.batch_size, False, s.patch_size)
+    return Inputs(iter(strategy.experimental_distribute_dataset(train_ds)), val, steps,
+                  int(train_ds.element_spec[0].shape[-1]), manifest_outputs(manifest), records_spacing(manifest))
+
+
+def check_cascade(settings: TrainSettings, manifest: dict) -> None:
+    """Raises a one-line :class:`TrainError` when ``--liver-model`` cannot be a cascade's first stage."""
+    from kerasunet.cascade import CascadeError, check_liver_model
+
+    try:
+        check_liver_model(settings.liver_model, manifest["modality"])
+    except CascadeError as exc:
+        raise TrainError(str(exc)) from None
+    if "tumour" not in manifest_outputs(manifest):
+        raise TrainError(f"{settings.records}: the records hold no tumour labels "
+                         f"({list(manifest_outputs(manifest))}); --stage tumour trains on them")
+
+
+def make_roi_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: int) -> Inputs:
+    """:func:`make_inputs` for ``--stage tumour``: liver ROIs of the slice records (:mod:`kerasunet.cascade`)."""
+    from kerasunet.augment import AugmentSettings
+    from kerasunet.cascade import case_liver_boxes, roi_dataset, roi_slice_count
+
+    s, splits = settings, manifest["splits"]
+    boxes = case_liver_boxes(s.records, manifest, ("train", "val"))
+    steps = s.steps_per_epoch or max(1, roi_slice_count(boxes, s.roi_margin_mm) // s.batch_size)
+    roi = dict(roi_size=s.roi_size, margin_mm=s.roi_margin_mm, boxes=boxes)
+    try:
+        train_ds = roi_dataset(s.records, "train", s.batch_size, True, **roi,
+                               augment=AugmentSettings() if s.augment else None,
+                               oversample_tumour=s.oversample_tumour, seed=s.seed + start_epoch,
+                               repeat=True, drop_remainder=True)
+        val = None
+        if any(case in boxes for case in (splits.get("val") or {}).get("cases", [])):
+            val = roi_dataset(s.records, "val", s.batch_size, False, **roi)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    train_ds = train_ds.with_options(shard_options(len(splits["train"]["shards"])))
+    return Inputs(iter(strategy.experimental_distribute_dataset(train_ds)), val, steps,
+                  int(train_ds.element_spec[0].shape[-1]), ("tumour",))
+
+
 def make_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: int) -> Inputs:
     """The training iterator (distributed, repeated, seeded by epoch) and validation batches.
 
     Raises:
         TrainError: the records cannot serve this run (e.g. oversampling a split without tumour).
     """
+    if settings.dims == 3:
+        return make_patch_inputs(settings, manifest, strategy, start_epoch)
+    if settings.stage == "tumour":
+        return make_roi_inputs(settings, manifest, strategy, start_epoch)
     from kerasunet import data
     from kerasunet.augment import AugmentSettings
     s, splits = settings, manifest["splits"]
@@ -283,10 +426,13 @@ def build_state(settings: TrainSettings, strategy, inputs: Inputs) -> State:
 
     s, names = settings, inputs.output_names
     arch = dict(filters=s.filters, depth=s.depth, dropout=s.dropout)
+    if s.dims == 3:
+        arch |= dict(dims=3, spacing=inputs.spacing)
+    input_shape = (None,) * s.dims + (inputs.channels,)  # any size the pooling takes (kerasunet.core.runs)
     with strategy.scope():
         try:
-            model = build_for_mode(s.mode, (None, None, inputs.channels), len(names),
-                                   pretrained=s.pretrained, freeze_blocks=s.freeze_blocks, **arch)
+            model = build_for_mode(s.mode, input_shape, len(names), pretrained=s.pretrained,
+                                   freeze_blocks=s.freeze_blocks, outputs=names, **arch)
         except (RunError, ValueError) as exc:
             raise TrainError(str(exc)) from None
         optimizer = keras.optimizers.Adam(learning_rate(s.lr, s.schedule, s.epochs * inputs.steps))
@@ -297,7 +443,7 @@ def build_state(settings: TrainSettings, strategy, inputs: Inputs) -> State:
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-        export_model = build_unet((None, None, inputs.channels), len(names), **arch)
+        export_model = build_unet(input_shape, len(names), **arch)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -313,14 +459,17 @@ def make_config(settings: TrainSettings, manifest: dict, manifest_sha: str, inpu
     import kerasunet
 
     s = settings
+    volume = {"dims": 3, "patch_size": list(s.patch_size), "spacing": list(inputs.spacing)} if s.dims == 3 else {}
     return {
         "model": {"input_channels": inputs.channels, "num_outputs": len(inputs.output_names),
                   "outputs": list(inputs.output_names),
-                  "filters": s.filters, "depth": s.depth, "dropout": s.dropout},
+                  "filters": s.filters, "depth": s.depth, "dropout": s.dropout, **volume},
         "data": {"modality": manifest["modality"], "context": manifest.get("context", 0),
                  "norm": manifest["norm"], "image_size": list(s.image_size) if s.image_size else None,
                  "records": str(Path(s.records).resolve()), "manifest_sha256": manifest_sha},
         "train": s.to_dict(),
+        **({"cascade": CascadeSettings(str(Path(s.liver_model).resolve()), s.roi_size, s.roi_margin_mm).to_dict()}
+           if s.stage == "tumour" else {}),
         "git_commit": git_commit(),
         "kerasunet_version": kerasunet.__version__,
     }

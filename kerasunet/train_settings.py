@@ -10,11 +10,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kerasunet.core.choices import LOSSES, MODES, PRECISIONS, SCHEDULES
+from kerasunet.cascade import MARGIN_MM, ROI_SIZE
 from kerasunet.core.records_format import MANIFEST_FILE
 
-# Settings that do not describe the run itself: where it is written, whether to resume, and
-# the records path (a moved records folder is the same data; resume compares the manifest's hash).
-NOT_COMPARED_ON_RESUME = ("out", "resume", "records")
+# Settings that do not describe the run itself: where it is written, whether to resume, the
+# records path (a moved records folder is the same data; resume compares the manifest's hash)
+# and the memory budget (a resumed run may move to another GPU).
+NOT_COMPARED_ON_RESUME = ("out", "resume", "records", "memory_budget")
+
+CPU_MEMORY_BUDGET = 8.0
+"""GiB a 3D training step may use on a machine without a GPU (``--memory-budget``'s default there)."""
+
+STAGES = ("all", "tumour")
+"""``--stage``: ``all`` trains on whole slices; ``tumour`` is a cascade's second stage
+(:mod:`kerasunet.cascade`): tumour only, on the liver ROI of ``--liver-model``."""
 
 MONITORS = ("dice", "loss")
 """What picks ``best.keras``: the highest mean validation Dice over the output channels
@@ -65,7 +74,8 @@ class TrainSettings:
             training loss when the records have no validation split).
         mixed_precision: ``auto``, ``on`` or ``off``.
         augment: Random augmentation of training slices.
-        oversample_tumour: Share of training slices drawn from slices with tumour.
+        oversample_tumour: Share of training slices drawn from slices with tumour; in 3D the
+            share of patches centred on a foreground voxel (tumour, else liver).
         steps_per_epoch: Training steps per epoch; None is one pass over the train split.
         seed: Seed for weights, data order, augmentation and dropout.
         monitor: One of :data:`MONITORS`; what picks ``best.keras`` (and what the plateau
@@ -73,6 +83,15 @@ class TrainSettings:
         preset: The :data:`PRESETS` entry these settings started from, or None (recorded in
             config.json; :func:`settings_from_options` applies it).
         resume: Continue the run in ``out`` from its newest checkpoint.
+        dims: 2 (slices, the default) or 3 (patches of volume records; docs/3d.md).
+        patch_size: ``(D, H, W)`` training patch in voxels; 3D only, then required.
+        memory_budget: 3D: GiB one training step may use; None is the GPU's memory, or
+            :data:`CPU_MEMORY_BUDGET` without a GPU. A patch whose estimate
+            (:mod:`kerasunet.planner`) is over it is refused before training.
+        stage: One of :data:`STAGES`.
+        liver_model: ``--stage tumour``: the stage-1 run (its outputs include liver).
+        roi_size: ``--stage tumour``: ``(H, W)`` each liver ROI is resized to.
+        roi_margin_mm: ``--stage tumour``: margin around the liver's box, mm.
     """
 
     records: str
@@ -97,6 +116,13 @@ class TrainSettings:
     monitor: str = "dice"
     preset: str | None = None
     resume: bool = False
+    dims: int = 2
+    patch_size: tuple[int, int, int] | None = None
+    memory_budget: float | None = None
+    stage: str = "all"
+    liver_model: str | None = None
+    roi_size: tuple[int, int] = ROI_SIZE
+    roi_margin_mm: float = MARGIN_MM
 
     def __post_init__(self):
         for name, allowed in (("mode", MODES), ("loss", LOSSES), ("schedule", SCHEDULES),
@@ -117,6 +143,18 @@ class TrainSettings:
                "steps_per_epoch", self.steps_per_epoch)
         _check(self.mode != "freeze" or 0 <= self.freeze_blocks <= self.depth,
                f"0 <= freeze_blocks <= depth={self.depth}", "freeze_blocks", self.freeze_blocks)
+        _check(self.dims in (2, 3), "dims in (2, 3)", "dims", self.dims)
+        if self.patch_size is not None:
+            object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        _check((self.dims == 3) == (self.patch_size is not None),
+               "patch_size (D, H, W) with dims=3 and none with dims=2", "patch_size", self.patch_size)
+        _check(self.dims == 2 or self.image_size is None, "no image_size with dims=3 (use patch_size)",
+               "image_size", self.image_size)
+        _check(self.patch_size is None or (len(self.patch_size) == 3 and min(self.patch_size) >= 1),
+               "patch_size of 3 positive sizes (D, H, W)", "patch_size", self.patch_size)
+        _check(self.memory_budget is None or self.memory_budget > 0, "memory_budget > 0 (GiB)",
+               "memory_budget", self.memory_budget)
+        _check_cascade(self)
         if self.image_size is not None:
             step = 2**self.depth
             _check(len(self.image_size) == 2 and all(s >= step and s % step == 0 for s in self.image_size),
@@ -126,7 +164,26 @@ class TrainSettings:
         """The settings as JSON values (``image_size`` as a list), as config.json stores them."""
         d = asdict(self)
         d["image_size"] = list(self.image_size) if self.image_size else None
+        d["patch_size"] = list(self.patch_size) if self.patch_size else None
+        d["roi_size"] = list(self.roi_size)
         return d
+
+
+def _check_cascade(s: TrainSettings) -> None:
+    """The cascade's settings (``--stage``, ``--liver-model``, ``--roi-size``, ``--roi-margin-mm``)."""
+    _check(s.stage in STAGES, f"stage in {STAGES}", "stage", s.stage)
+    if s.stage == "tumour" and not s.liver_model:
+        raise TrainError("--stage tumour needs --liver-model (the stage-1 run whose liver gives the ROI)")
+    if s.stage != "tumour" and s.liver_model:
+        raise TrainError("--liver-model is the first stage of a cascade; pass --stage tumour with it")
+    object.__setattr__(s, "roi_size", tuple(int(v) for v in s.roi_size))
+    step = 2**s.depth
+    _check(s.stage == "all" or (len(s.roi_size) == 2 and all(v >= step and v % step == 0 for v in s.roi_size)),
+           f"roi_size height and width multiples of 2**depth={step}", "roi_size", s.roi_size)
+    _check(s.roi_margin_mm >= 0, "roi_margin_mm >= 0", "roi_margin_mm", s.roi_margin_mm)
+    _check(s.stage == "all" or (s.dims == 2 and s.image_size is None),
+           "--stage tumour with 2D slices and no image_size (the ROI is resized to roi_size)",
+           "stage", s.stage)
 
 
 def _check(ok: bool, expected: str, name: str, value) -> None:

@@ -1,8 +1,10 @@
 """The three transfer modes of the research (Wang & Tang), as one function.
 
 * ``scratch`` (model A): new Glorot-normal weights.
-* ``init`` (model B): every layer starts from the CT-pretrained model; of its
-  head only the tumour column is kept.
+* ``init`` (model B): every layer starts from the CT-pretrained model; its head
+  columns are matched by structure name: a CT head (liver, tumour) into an MRI head
+  with liver and tumour (ATLAS) is copied whole, into a tumour-only head (FZMC) only
+  its tumour column is kept.
 * ``freeze`` (model C): as ``init``, and the first ``freeze_blocks`` encoder
   blocks are frozen (``trainable = False``) before ``compile``.
 
@@ -21,9 +23,9 @@ from pathlib import Path
 import keras
 
 from kerasunet.core.choices import MODES
-from kerasunet.core.labels import OUTPUTS
+from kerasunet.core.labels import OUTPUTS, check_outputs
 from kerasunet.model import block_of, build_unet, layers_in_blocks
-from kerasunet.core.runs import MODEL_FILE, RunError
+from kerasunet.core.runs import CONFIG_FILE, MODEL_FILE, RunError, resolve_run
 
 HEAD = "head_conv"
 
@@ -49,17 +51,38 @@ def load_pretrained(pretrained) -> tuple[keras.Model, str]:
     return model, str(model_path)
 
 
-def head_columns(source_outputs: int, target_outputs: int):
-    """Columns of the pretrained head to copy, or None when the sizes cannot be mapped.
+def outputs_by_count(channels: int) -> tuple[str, ...]:
+    """The structures of a head with ``channels`` outputs when nothing names them: the
+    modality default of that size (2: liver, tumour; 1: tumour)."""
+    for names in OUTPUTS.values():
+        if len(names) == channels:
+            return names
+    raise ValueError(f"Expected a head of {sorted({len(n) for n in OUTPUTS.values()})} channels, or a run "
+                     f"config.json naming its outputs. Received: {channels} channels")
 
-    Equal sizes copy every column; a CT head (liver, tumour) into a one-channel
-    MRI head keeps only the tumour column.
+
+def pretrained_outputs(pretrained, source: keras.Model) -> tuple[str, ...]:
+    """The structures of the pretrained head's columns: its run's config.json (``RunInfo.outputs``)
+    when there is one, else by channel count (:func:`outputs_by_count`) for bare ``.keras`` files
+    and models."""
+    if not isinstance(pretrained, keras.Model):
+        path = Path(pretrained)
+        if (path if path.is_dir() else path.parent).joinpath(CONFIG_FILE).exists():
+            return resolve_run(path).outputs
+    return outputs_by_count(source.output_shape[-1])
+
+
+def head_columns(source_outputs, target_outputs) -> list[int] | None:
+    """Columns of the pretrained head to copy, by structure name, or None when the new head
+    has a structure the pretrained one lacks.
+
+    A CT head (liver, tumour) into a liver-and-tumour head copies both columns; into a
+    tumour-only head it keeps the tumour column.
     """
-    if source_outputs == target_outputs:
-        return list(range(target_outputs))
-    if (source_outputs, target_outputs) == (len(OUTPUTS["ct"]), len(OUTPUTS["mri"])):
-        return [OUTPUTS["ct"].index(name) for name in OUTPUTS["mri"]]
-    return None
+    source, target = check_outputs(source_outputs), check_outputs(target_outputs)
+    if any(name not in source for name in target):
+        return None
+    return [source.index(name) for name in target]
 
 
 def mismatch(source_label: str, layer: str, detail: str) -> ValueError:
@@ -68,22 +91,26 @@ def mismatch(source_label: str, layer: str, detail: str) -> ValueError:
                       "input channels")
 
 
-def transfer_weights(model: keras.Model, source: keras.Model, source_label: str = "pretrained model") -> dict:
+def transfer_weights(model: keras.Model, source: keras.Model, source_label: str = "pretrained model",
+                     source_outputs=None, target_outputs=None) -> dict:
     """Copies every layer's weights from ``source`` into ``model`` by layer name.
 
     BatchNorm moving statistics are weights too and are copied. The head kernel
-    and bias are copied column by column (see :func:`head_columns`).
+    and bias are copied column by column, matched by structure (see :func:`head_columns`).
 
     Args:
         model: The new model (same architecture, any number of outputs).
         source: The pretrained model.
         source_label: Names the source in error messages (its path).
+        source_outputs: The structures of ``source``'s head; None: by its channel count.
+        target_outputs: The structures of ``model``'s head; None: by its channel count.
 
     Returns:
         ``{layer_name: "copied" | "head columns [1]"}`` for every layer with weights.
 
     Raises:
-        ValueError: a layer is missing on either side or its weight shapes differ.
+        ValueError: a layer is missing on either side, its weight shapes differ, or the new
+            head has a structure the pretrained one lacks.
     """
     source_layers = {layer.name: layer for layer in source.layers if layer.weights}
     target_names = {layer.name for layer in model.layers if layer.weights}
@@ -95,9 +122,13 @@ def transfer_weights(model: keras.Model, source: keras.Model, source_label: str 
             raise mismatch(source_label, layer.name, "missing in the pretrained model")
         weights = source_layers[layer.name].get_weights()
         if layer.name == HEAD:
-            columns = head_columns(weights[0].shape[-1], layer.weights[0].shape[-1])
-            if columns is not None:
-                weights = [w[..., columns] for w in weights]
+            source_outputs = source_outputs or outputs_by_count(weights[0].shape[-1])
+            target_outputs = target_outputs or outputs_by_count(layer.weights[0].shape[-1])
+            columns = head_columns(source_outputs, target_outputs)
+            if columns is None:
+                raise mismatch(source_label, layer.name, f"the pretrained head segments {', '.join(source_outputs)}; "
+                                                         f"the new one {', '.join(target_outputs)}")
+            weights = [w[..., columns] for w in weights]
         source_shapes = [tuple(w.shape) for w in weights]
         target_shapes = [tuple(w.shape) for w in layer.weights]
         if source_shapes != target_shapes:
@@ -112,7 +143,7 @@ def transfer_weights(model: keras.Model, source: keras.Model, source_label: str 
 
 
 def build_for_mode(mode: str, input_shape, num_outputs: int, pretrained=None, freeze_blocks: int = 2,
-                   **unet_kwargs) -> keras.Model:
+                   outputs=None, **unet_kwargs) -> keras.Model:
     """Builds the model a transfer mode trains, with weights loaded and blocks frozen.
 
     ``freeze`` sets ``trainable = False`` on every layer of ``encoder_1`` …
@@ -127,6 +158,9 @@ def build_for_mode(mode: str, input_shape, num_outputs: int, pretrained=None, fr
         pretrained: For ``init``/``freeze``: a run folder holding ``best.keras``,
             a ``.keras`` file or a ``keras.Model``. Must be None for ``scratch``.
         freeze_blocks: Encoder blocks to freeze in ``freeze`` mode (0..depth).
+        outputs: The structures of the new model's channels (``RunInfo.outputs``), which
+            pick the pretrained head's columns by name; None: by ``num_outputs``
+            (:func:`outputs_by_count`).
         **unet_kwargs: Passed to :func:`kerasunet.model.build_unet` (filters,
             depth, dropout, ...); must match the pretrained architecture.
 
@@ -151,8 +185,11 @@ def build_for_mode(mode: str, input_shape, num_outputs: int, pretrained=None, fr
         raise ValueError(f"Expected 0 <= freeze_blocks <= depth={depth}. Received: freeze_blocks={freeze_blocks}")
     if mode == "scratch":
         return model
+    if outputs is not None and len(check_outputs(outputs)) != num_outputs:
+        raise ValueError(f"Expected num_outputs == len(outputs). Received: num_outputs={num_outputs}, "
+                         f"outputs={tuple(outputs)}")
     source, label = load_pretrained(pretrained)
-    transfer_weights(model, source, label)
+    transfer_weights(model, source, label, pretrained_outputs(pretrained, source), outputs)
     if mode == "freeze" and freeze_blocks:
         for layer in layers_in_blocks(model, [f"encoder_{i}" for i in range(1, freeze_blocks + 1)]):
             layer.trainable = False

@@ -852,3 +852,49 @@ def backend_gradient(fn, x: np.ndarray) -> np.ndarray:
 tensorflow_only = pytest.mark.skipif(
     os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
     reason="exercises TensorFlow itself; the JAX run covers the backend-neutral tests")
+
+
+# --- 3D runs written by hand (the contract of kerasunet/core/runs.py), for predict/export tests ---
+
+def write_run_3d(folder, model, modality="ct", patch_size=(8, 16, 16), spacing=None, depth=2) -> Path:
+    """Saves a 3D ``model`` as a run folder: :func:`write_run` plus ``dims``, ``patch_size``, ``spacing``."""
+    folder = write_run(folder, model, modality=modality, context=0, depth=depth)
+    config = json.loads((folder / "config.json").read_text())
+    config["model"].update(dims=3, patch_size=list(patch_size), spacing=list(spacing) if spacing else None)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def threshold_model_3d(modality="ct", gain=50.0):
+    """:func:`threshold_model` in 3D: a 1x1x1 conv + sigmoid on ``[n, D, H, W, 1]`` (pointwise)."""
+    import keras
+
+    cuts = [LIVER_CUT, TUMOUR_CUT] if modality == "ct" else [0.0]
+    inputs = keras.Input((None, None, None, 1))
+    conv = keras.layers.Conv3D(len(cuts), 1, name="head_conv")
+    outputs = keras.layers.Activation("sigmoid", name="head_sigmoid")(conv(inputs))
+    conv.set_weights([np.full((1, 1, 1, 1, len(cuts)), gain, np.float32), -gain * np.array(cuts, np.float32)])
+    return keras.Model(inputs, outputs)
+
+
+def write_unet_run_3d(folder, modality="ct", patch_size=(8, 16, 16), spacing=(2.0, 1.0, 1.0), seed=0) -> Path:
+    """A tiny 3D U-Net run (filters 4, depth 2) with a steep head, as :func:`write_unet_run` for 2D.
+
+    The head's bias puts the median logit of a standard-normal patch at 0 per channel, so masks
+    of normalised inputs hold both labels and few ties at 0.5.
+    """
+    import keras
+
+    from kerasunet.model import build_unet
+
+    keras.utils.set_random_seed(seed)
+    outputs = 2 if modality == "ct" else 1
+    model = build_unet((None, None, None, 1), outputs, filters=4, depth=UNET_DEPTH, dropout=0.0, dims=3,
+                       spacing=spacing)
+    head = model.get_layer("head_conv")
+    kernel, _ = head.get_weights()
+    head.set_weights([kernel * 20.0, np.zeros(outputs, np.float32)])
+    probe = np.random.default_rng(seed).normal(size=(1, *patch_size, 1)).astype(np.float32)
+    logits = np.asarray(keras.Model(model.inputs, head.output)([probe])).reshape(-1, outputs)
+    head.set_weights([kernel * 20.0, -np.median(logits, axis=0).astype(np.float32)])
+    return write_run_3d(folder, model, modality, patch_size, spacing, UNET_DEPTH)

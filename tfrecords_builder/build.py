@@ -18,6 +18,10 @@ Engines: ``local`` (this module: a process pool on one machine) and ``beam``
 and the planning, serialising and manifest functions defined here (:func:`case_tasks`,
 :func:`plan_build`, :func:`case_examples`, :func:`check_written`, :func:`drop_cases`,
 :func:`manifest_for`), so they find, skip, split and describe a dataset the same way.
+
+Kinds (:class:`RecordKind`, the manifest's ``kind``): ``slices`` (here) and ``volumes``
+(``--volumes``, :mod:`tfrecords_builder.volumes`, local engine), which differ only in their
+per-case steps and feature spec.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from kerasunet.core.atomic import write_json
-from kerasunet.core.cases import CASE_ENTRY_KEYS, LAYOUTS, case_from_entry, dataset_modality, find_dataset_cases
+from kerasunet.core.cases import (CASE_ENTRY_KEYS, LAYOUTS, case_from_entry, dataset_modality, dataset_outputs,
+                                  find_dataset_cases)
 from kerasunet.core.fingerprint import changed_settings, hash_settings
-from kerasunet.core.labels import OUTPUTS
 from kerasunet.core.nifti import VolumeError
 from kerasunet.core.preprocessing import NormSettings
 from kerasunet.core.records_format import DEFAULT_WORKERS, ENGINES, MANIFEST_FILE, SHARD_RE, TEMP_PREFIX
@@ -50,6 +55,7 @@ SPLITS = ("train", "val", "test")
 HOLDOUTS = ("random", "last")
 # settings that do not change the output, so they are left out of the settings hash
 RUN_ONLY = ("out", "workers", "overwrite", "engine", "beam_options")
+VOLUME_ONLY = ("volumes", "crop_margin_mm", "spacing")
 
 
 class BuildError(ValueError):
@@ -89,6 +95,11 @@ class BuildSettings:
         engine: "local" (a process pool here) or "beam" (an Apache Beam pipeline).
         beam_options: the Beam engine's pipeline options, one string as on a command line
             (``"--runner=DataflowRunner --project=…"``); passed to Beam unchanged.
+        volumes: write one example per case, the volume cropped around the liver
+            (:mod:`tfrecords_builder.volumes`), instead of slices; local engine, context 0.
+        crop_margin_mm: volumes: margin in mm around the liver's bounding box.
+        spacing: volumes: resample to this voxel size in mm, ``(D, H, W)`` (D the slice
+            axis); None keeps each case's own spacing.
     """
 
     source: str
@@ -114,15 +125,22 @@ class BuildSettings:
     engine: str = "local"
     beam_options: str = ""
     series: str | None = None
+    volumes: bool = False
+    crop_margin_mm: float = 20.0
+    spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         # canonical types, so equal settings hash equally whether they came from the CLI or code
         for name, cast in (("hu_window", float), ("percentiles", float), ("val_cases", str), ("test_cases", str)):
             object.__setattr__(self, name, tuple(cast(v) for v in getattr(self, name)))
         object.__setattr__(self, "shard_mb", float(self.shard_mb))
+        object.__setattr__(self, "crop_margin_mm", float(self.crop_margin_mm))
+        if self.spacing is not None:
+            object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
         _check(self.dataset in LAYOUTS, f"dataset in {tuple(LAYOUTS)}", "dataset", self.dataset)
         # read once: some layouts say their modality in dataset.json or the DICOM headers
         object.__setattr__(self, "_modality", dataset_modality(self.source, self.dataset, self.phase))
+        object.__setattr__(self, "_outputs", dataset_outputs(self.source, self.dataset, self._modality))
         _check(self.holdout in HOLDOUTS, f"holdout in {HOLDOUTS}", "holdout", self.holdout)
         _check(self.engine in ENGINES, f"engine in {ENGINES}", "engine", self.engine)
         for name in ("val_fraction", "test_fraction"):
@@ -133,11 +151,20 @@ class BuildSettings:
         _check(not both, "no case in both val_cases and test_cases", "cases in both", both)
         _check(self.shard_mb > 0, "shard_mb > 0", "shard_mb", self.shard_mb)
         _check(self.workers >= 1, "workers >= 1", "workers", self.workers)
+        if self.volumes:
+            from tfrecords_builder.volumes import check_volume_settings
+
+            check_volume_settings(self)
         _ = (self.norm, self.selection)  # validates the window, percentiles and slice counts
 
     @property
     def modality(self) -> str:
         return self._modality
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The structures the layout's labels hold, so the records' label maps too (``Dataset.outputs``)."""
+        return self._outputs
 
     @property
     def norm(self) -> NormSettings:
@@ -152,9 +179,10 @@ class BuildSettings:
         return json.loads(json.dumps(asdict(self)))
 
     def settings_hash(self) -> str:
-        d = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY}
+        # slice builds hash without the volume settings, as they did before those existed
+        d = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY + (() if self.volumes else VOLUME_ONLY)}
         d["source"] = str(Path(self.source).resolve())
-        d["features"] = sorted(FEATURES)
+        d["features"] = sorted(record_kind(self).features)
         return hash_settings(d)
 
 
@@ -315,13 +343,13 @@ def case_tasks(settings: BuildSettings) -> list[CaseTask]:
     except VolumeError as exc:
         raise BuildError(str(exc)) from None
     return [CaseTask(replace(f, image=Path(f.image).resolve(), label=f.label and Path(f.label).resolve()),
-                     settings.norm, settings.selection) for f in found]
+                     settings.norm, settings.selection, settings.outputs) for f in found]
 
 
 def case_task(settings: BuildSettings, case_id: str, info: dict) -> CaseTask:
     """The task that extracts a validated case (``info`` as :func:`inspect_case` returned it)."""
     files = case_from_entry(case_id, info)
-    return CaseTask(files, settings.norm, settings.selection)
+    return CaseTask(files, settings.norm, settings.selection, settings.outputs)
 
 
 def plan_build(settings: BuildSettings, infos: list[dict]) -> dict:
@@ -347,10 +375,10 @@ def plan_build(settings: BuildSettings, infos: list[dict]) -> dict:
 
 
 def _ingest(settings: BuildSettings, workers: int, progress) -> dict:
-    """Validates every case, chooses slices and draws the splits."""
+    """Validates every case, chooses slices (or crops) and draws the splits."""
     tasks = [(task,) for task in case_tasks(settings)]
     infos, slices = [], 0
-    for done, info in enumerate(_map_cases(inspect_case, tasks, workers), 1):
+    for done, info in enumerate(_map_cases(record_kind(settings).inspect, tasks, workers), 1):
         infos.append(info)
         slices += len(info.get("slices", ()))
         progress("validate", done, len(tasks), slices)
@@ -374,6 +402,46 @@ def case_examples(case_id: str, info: dict, data: dict):
             data["has_tumour"][j])
 
 
+def extract_slices(task: CaseTask, info: dict) -> dict:
+    """Worker step 2 of slice records: :func:`extract_case` of the slices step 1 chose."""
+    return extract_case(task, info["slices"], info["shape"])
+
+
+class RecordKind(NamedTuple):
+    """What one kind of records does per case; finding, validating, splitting, writing,
+    resuming and describing a build are shared.
+
+    Attributes:
+        name: the manifest's ``kind``.
+        features: the feature spec of its examples (``tfrecords_builder.features``).
+        inspect: worker step 1, ``inspect(task) -> info``: JSON-ready facts, or
+            ``{"case_id", "skip": reason}``; ``info["slices"]`` are the source slices used.
+        extract: worker step 2, ``extract(task, info) -> data``, or ``{"case_id", "skip"}``.
+        examples: ``examples(case_id, info, data)`` yields ``(key, serialised example)``.
+        case_keys: the keys of ``info`` the manifest keeps per case (with ``CASE_ENTRY_KEYS``).
+    """
+
+    name: str
+    features: dict
+    inspect: Callable
+    extract: Callable
+    examples: Callable
+    case_keys: tuple
+
+
+SLICES = RecordKind("slices", FEATURES, inspect_case, extract_slices, case_examples,
+                    ("shape", "spacing", "norm_stats", "slices"))
+
+
+def record_kind(settings: BuildSettings) -> RecordKind:
+    """Slices, or volumes (:func:`tfrecords_builder.volumes.volume_kind`) for ``settings.volumes``."""
+    if settings.volumes:
+        from tfrecords_builder.volumes import volume_kind
+
+        return volume_kind(settings)
+    return SLICES
+
+
 def check_written(settings: BuildSettings, split: str, written: int, skipped: list[dict]) -> None:
     """Raises a :class:`BuildError` when ``split`` got no example (its cases were all skipped)."""
     reasons = "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped)
@@ -394,20 +462,21 @@ def _write_split(settings: BuildSettings, state: dict, split: str, workers: int,
     Raises:
         BuildError: the split is left without examples.
     """
+    kind = record_kind(settings)
     case_ids = state["splits"][split]
     infos = [state["cases"][c] for c in case_ids]
-    tasks = [(case_task(settings, c, info), info["slices"], info["shape"]) for c, info in zip(case_ids, infos)]
+    tasks = [(case_task(settings, c, info), info) for c, info in zip(case_ids, infos)]
     writer = ShardWriter(settings.out, settings.dataset, split, int(settings.shard_mb * 1e6), settings.gzip)
     written, kept, skipped = 0, [], []
     try:
         for done, (case_id, info, data) in enumerate(
-                zip(case_ids, infos, _map_cases(extract_case, tasks, workers)), 1):
+                zip(case_ids, infos, _map_cases(kind.extract, tasks, workers)), 1):
             if "skip" in data:
                 skipped.append(changed_case(case_id, data))
             else:
-                for _, example in case_examples(case_id, info, data):
+                for _, example in kind.examples(case_id, info, data):
                     writer.write(example)
-                written += len(info["slices"])
+                    written += 1
                 kept.append(case_id)
             progress(f"write {split}", done, len(case_ids), written)
         check_written(settings, split, written, skipped)
@@ -427,7 +496,7 @@ def drop_cases(state: dict, split: str, skipped: list[dict]) -> None:
     state["skipped"] = state["skipped"] + skipped
 
 
-def _class_stats(state: dict, modality: str) -> dict:
+def _class_stats(state: dict, outputs) -> dict:
     stats = {}
     for split, case_ids in state["splits"].items():
         infos = [state["cases"][c] for c in case_ids]
@@ -439,7 +508,7 @@ def _class_stats(state: dict, modality: str) -> dict:
         fg = {"liver": total("foreground_voxels") / voxels, "tumour": total("tumour_voxels") / voxels}
         stats[split] = {"num_slices": sum(len(i["slices"]) for i in infos),
                         "tumour_slices": total("tumour_slices"),
-                        "foreground_fraction": {name: fg[name] for name in OUTPUTS[modality]}}
+                        "foreground_fraction": {name: fg[name] for name in outputs}}
     return stats
 
 
@@ -453,14 +522,16 @@ def manifest_for(settings: BuildSettings, state: dict) -> dict:
             (``cases``, ``num_examples``, ``shards``).
     """
     split_of = {c: s for s, cases in state["splits"].items() for c in cases}
-    keep = (*CASE_ENTRY_KEYS, "shape", "spacing", "norm_stats", "slices")
+    kind = record_kind(settings)
+    keep = (*CASE_ENTRY_KEYS, *kind.case_keys)
     return {
         "version": MANIFEST_VERSION,
+        "kind": kind.name,
         "name": settings.dataset,
         "modality": settings.modality,
         "context": settings.context,
         "channels": 2 * settings.context + 1,
-        "outputs": list(OUTPUTS[settings.modality]),
+        "outputs": list(settings.outputs),
         "compression": "GZIP" if settings.gzip else None,
         "norm": settings.norm.to_dict(),
         "engine": settings.engine,
@@ -469,7 +540,7 @@ def manifest_for(settings: BuildSettings, state: dict) -> dict:
         "splits": {s: state["completed"][s] for s in SPLITS if s in state["splits"]},
         "cases": {c: {"split": split_of[c], **{k: info[k] for k in keep}} for c, info in state["cases"].items()},
         "skipped": state["skipped"],
-        "class_stats": _class_stats(state, settings.modality),
+        "class_stats": _class_stats(state, settings.outputs),
     }
 
 

@@ -4,6 +4,11 @@ One example is one axial slice in canonical RAS+ voxel order (``data[:, :, k]``)
 image height H runs along the canonical x axis and the width W along y. The image holds
 raw intensities (HU for CT, scanner units for MRI); the reader normalises them with the
 case's ``image/norm_stats`` (see ``kerasunet.core.preprocessing``).
+
+Volume records (``build-records --volumes``, :data:`VOLUME_FEATURES`) hold one case per
+example, in ``(D, H, W)`` order: D the axial (canonical z) axis, H and W the canonical x and
+y axes of the slices, so a volume is ``np.moveaxis(canonical, 2, 0)`` of the crop and its
+slice ``d`` is the 2D records' slice of the same index (:mod:`kerasunet.planner`'s order).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
+
+from kerasunet.core.labels import STRUCTURES
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,31 @@ FEATURES = {
     "image/has_tumour": Feature("int", 0, "1 if the centre slice contains tumour (for oversampling)"),
 }
 
+# Foreground voxels sampled per structure and volume, so a reader can centre patches on them
+# without scanning the volume.
+VOLUME_POINTS = 64
+
+VOLUME_FEATURES = {
+    "volume/encoded": Feature("bytes", 0, "raw little-endian float32 bytes of the D x H x W x C volume"),
+    "volume/depth": Feature("int", 0, "D (canonical z, the slice axis)"),
+    "volume/height": Feature("int", 0, "H (canonical x)"),
+    "volume/width": Feature("int", 0, "W (canonical y)"),
+    "volume/channels": Feature("int", 0, "C = 1"),
+    "volume/segmentation/class/encoded": Feature("bytes", 0, "raw uint8 label map D x H x W, the project's values"),
+    "volume/source_id": Feature("bytes", 0, "stable key: the case id"),
+    "volume/case_id": Feature("bytes", 0, "case id"),
+    "volume/spacing": Feature("float", 3, "voxel size in mm of the stored volume, (D, H, W)"),
+    "volume/crop_offset": Feature("int", 3, "(D, H, W) index in the canonical source of the crop's first voxel"),
+    "volume/norm_stats": Feature("float", 4, "the case's [lo, hi, mean, std] (preprocessing.case_stats)"),
+    **{f"volume/points/{name}": Feature("int", 3 * VOLUME_POINTS,
+                                        f"{VOLUME_POINTS} (d, h, w) {name} voxels of the stored volume, "
+                                        "flattened; drawn without replacement, repeated when fewer; -1 if none")
+       for name in STRUCTURES},
+    **{f"volume/points/{name}/count": Feature("int", 0, f"distinct {name} points (0: no {name} voxel)")
+       for name in STRUCTURES},
+}
+"""One example per case: the volume cropped around the liver (``tfrecords_builder.volumes``)."""
+
 _TF_DTYPES = {"bytes": tf.string, "int": tf.int64, "float": tf.float32}
 
 
@@ -63,11 +95,16 @@ def _to_feature(key: str, spec: Feature, value) -> tf.train.Feature:
     return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
 
 
-def serialize_example(values: dict) -> bytes:
-    """Serialises one example; ``values`` must hold exactly the keys of :data:`FEATURES`."""
-    if set(values) != set(FEATURES):
-        raise ValueError(f"Expected the keys {sorted(FEATURES)}. Received: keys={sorted(values)}")
-    feature = {key: _to_feature(key, spec, values[key]) for key, spec in FEATURES.items()}
+def serialize_example(values: dict, features: dict = FEATURES) -> bytes:
+    """Serialises one example; ``values`` must hold exactly the keys of ``features``.
+
+    Args:
+        values: the example's values by key.
+        features: the spec, :data:`FEATURES` (slices) or :data:`VOLUME_FEATURES`.
+    """
+    if set(values) != set(features):
+        raise ValueError(f"Expected the keys {sorted(features)}. Received: keys={sorted(values)}")
+    feature = {key: _to_feature(key, spec, values[key]) for key, spec in features.items()}
     # deterministic: map fields in key order, so a rebuild gives byte-identical shards
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
@@ -104,10 +141,50 @@ def slice_example(case_id: str, slice_index: int, image: np.ndarray, label: np.n
     })
 
 
-PARSE_SPEC = {
-    key: tf.io.FixedLenFeature([spec.length] if spec.length else [], _TF_DTYPES[spec.kind])
-    for key, spec in FEATURES.items()
-}
+def volume_example(case_id: str, image: np.ndarray, label: np.ndarray, spacing, crop_offset, norm_stats,
+                   points: dict) -> bytes:
+    """Serialises one volume.
+
+    Args:
+        case_id: the case; also the example's key.
+        image: raw intensities, ``(D, H, W)`` or ``(D, H, W, C)``.
+        label: label map ``(D, H, W)`` in the project's values (fits in uint8).
+        spacing: voxel size in mm of ``image``, ``(D, H, W)``.
+        crop_offset: ``(D, H, W)`` index of the crop's first voxel in the canonical source.
+        norm_stats: the case's ``[lo, hi, mean, std]``.
+        points: per structure of ``STRUCTURES``, ``(VOLUME_POINTS, 3)`` int voxel indices
+            and the number of distinct ones: ``{name: (points, count)}``.
+    """
+    image = image[..., None] if image.ndim == 3 else image
+    if image.ndim != 4 or label.shape != image.shape[:3]:
+        raise ValueError(f"Expected image (D, H, W[, C]) and label (D, H, W). "
+                         f"Received: image.shape={image.shape}, label.shape={label.shape}")
+    depth, height, width, channels = image.shape
+    return serialize_example({
+        "volume/encoded": np.ascontiguousarray(image, dtype="<f4").tobytes(),
+        "volume/depth": depth,
+        "volume/height": height,
+        "volume/width": width,
+        "volume/channels": channels,
+        "volume/segmentation/class/encoded": np.ascontiguousarray(label, dtype=np.uint8).tobytes(),
+        "volume/source_id": case_id,
+        "volume/case_id": case_id,
+        "volume/spacing": spacing,
+        "volume/crop_offset": crop_offset,
+        "volume/norm_stats": norm_stats,
+        **{f"volume/points/{name}": points[name][0] for name in STRUCTURES},
+        **{f"volume/points/{name}/count": points[name][1] for name in STRUCTURES},
+    }, VOLUME_FEATURES)
+
+
+def parse_spec(features: dict) -> dict:
+    """The ``tf.io.parse_*`` spec of a feature spec (fixed-length features only)."""
+    return {key: tf.io.FixedLenFeature([spec.length] if spec.length else [], _TF_DTYPES[spec.kind])
+            for key, spec in features.items()}
+
+
+PARSE_SPEC = parse_spec(FEATURES)
+VOLUME_PARSE_SPEC = parse_spec(VOLUME_FEATURES)
 
 
 def parse_example(serialized):
@@ -153,4 +230,34 @@ def decode_example(parsed: dict, channels: int | None = None) -> dict:
         "source_id": parsed["image/source_id"],
         "case_id": parsed["image/case_id"],
         "slice_index": parsed["image/slice_index"],
+    }
+
+
+def parse_volume(serialized):
+    """Parses one serialised volume example into a dict of tensors keyed like :data:`VOLUME_FEATURES`."""
+    return tf.io.parse_single_example(serialized, VOLUME_PARSE_SPEC)
+
+
+def decode_volume(parsed: dict) -> dict:
+    """Decodes one parsed volume example (the decoder; no cropping, patching or augmentation).
+
+    Returns:
+        ``image`` float32 ``(D, H, W, C)`` raw intensities, ``label`` uint8 ``(D, H, W)``,
+        ``spacing`` float32 ``(3,)``, ``crop_offset`` int64 ``(3,)``, ``norm_stats`` float32
+        ``(4,)``, ``points`` ``{structure: int32 (VOLUME_POINTS, 3)}``, ``point_counts``
+        ``{structure: int32 scalar}``, ``source_id`` and ``case_id``.
+    """
+    size = tf.cast(tf.stack([parsed["volume/depth"], parsed["volume/height"], parsed["volume/width"]]), tf.int32)
+    channels = tf.cast(parsed["volume/channels"], tf.int32)
+    return {
+        "image": tf.reshape(tf.io.decode_raw(parsed["volume/encoded"], tf.float32), tf.concat([size, [channels]], 0)),
+        "label": tf.reshape(tf.io.decode_raw(parsed["volume/segmentation/class/encoded"], tf.uint8), size),
+        "spacing": parsed["volume/spacing"],
+        "crop_offset": parsed["volume/crop_offset"],
+        "norm_stats": parsed["volume/norm_stats"],
+        "points": {name: tf.reshape(tf.cast(parsed[f"volume/points/{name}"], tf.int32), [VOLUME_POINTS, 3])
+                   for name in STRUCTURES},
+        "point_counts": {name: tf.cast(parsed[f"volume/points/{name}/count"], tf.int32) for name in STRUCTURES},
+        "source_id": parsed["volume/source_id"],
+        "case_id": parsed["volume/case_id"],
     }

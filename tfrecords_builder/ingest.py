@@ -14,22 +14,36 @@ from dataclasses import dataclass
 import numpy as np
 
 from kerasunet.core.cases import CaseError, CaseFiles, case_entry, load_case
-from kerasunet.core.labels import MODALITY_LABELS
+from kerasunet.core.labels import OUTPUTS, label_values
 from kerasunet.core.preprocessing import NormSettings, case_stats
 from kerasunet.core.stacking import stack_slices
 from tfrecords_builder.selection import SelectionSettings, select_slices
 
-# label value that marks tumour, per modality (CT: LiTS 2; MRI: 1)
-TUMOUR_VALUE = {modality: values["tumour"] for modality, values in MODALITY_LABELS.items()}
-
-
 @dataclass(frozen=True)
 class CaseTask:
-    """Everything a worker needs to process one case (picklable, TensorFlow-free)."""
+    """Everything a worker needs to process one case (picklable, TensorFlow-free).
+
+    Attributes:
+        files: the case's files and what its labels hold.
+        norm: the normalisation settings (and modality).
+        selection: which slices to keep.
+        outputs: the structures the records' label maps hold (``kerasunet.core.cases.Dataset.outputs``);
+            None: the modality's default (``labels.OUTPUTS``).
+    """
 
     files: CaseFiles
     norm: NormSettings
     selection: SelectionSettings
+    outputs: tuple[str, ...] | None = None
+
+    @property
+    def label_outputs(self) -> tuple[str, ...]:
+        return self.outputs or OUTPUTS[self.norm.modality]
+
+    def is_tumour(self, labels: np.ndarray) -> np.ndarray:
+        """Where ``labels`` (valued for :attr:`label_outputs`) hold tumour; all False without a tumour output."""
+        value = label_values(self.label_outputs).get("tumour")
+        return labels >= value if value is not None else np.zeros(labels.shape, bool)
 
 
 def inspect_case(task: CaseTask) -> dict:
@@ -42,12 +56,12 @@ def inspect_case(task: CaseTask) -> dict:
     """
     files = task.files
     try:
-        image, label = load_case(files, task.norm.modality)
+        image, label = load_case(files, task.label_outputs)
     except CaseError as exc:
         return {"case_id": files.case_id, "skip": str(exc)}
     slices = select_slices(label, task.selection)
     chosen = label[:, :, slices]
-    tumour = chosen == TUMOUR_VALUE[task.norm.modality]
+    tumour = task.is_tumour(chosen)
     return {
         "case_id": files.case_id,
         **case_entry(files),  # image, label, what the label holds, series
@@ -76,7 +90,7 @@ def extract_case(task: CaseTask, slices: list[int], shape: list[int]) -> dict:
         changed since step 1 and no longer pass the checks or have another shape.
     """
     try:
-        image, label = load_case(task.files, task.norm.modality)
+        image, label = load_case(task.files, task.label_outputs)
     except CaseError as exc:
         return {"case_id": task.files.case_id, "skip": str(exc)}
     if list(image.data.shape) != list(shape):
@@ -86,5 +100,5 @@ def extract_case(task: CaseTask, slices: list[int], shape: list[int]) -> dict:
     return {
         "images": stack_slices(image.data, slices, task.selection.context),
         "labels": labels,
-        "has_tumour": (labels == TUMOUR_VALUE[task.norm.modality]).any(axis=(1, 2)),
+        "has_tumour": task.is_tumour(labels).any(axis=(1, 2)),
     }

@@ -11,10 +11,14 @@ is accepted by the others:
   :data:`LABEL_ROUNDING_TOLERANCE`, and holds only its dataset's values.
 
 Labels are read by structure (``kerasunet.core.labels``): each case carries a ``label_map``
-from its dataset's label values (or, for 3D-IRCADb, its mask folders) to structures, and the
-loader turns them into the project's values for the modality (CT 1 liver / 2 tumour, MRI 1
-tumour). A failed check raises :class:`CaseError`, whose message is the one-line reason a
-batch records for that case before it goes on with the others.
+from its dataset's label values (or, for 3D-IRCADb, its mask folders) to structures, and each
+layout says which structures its labels hold (:attr:`Dataset.outputs`: LiTS, MSD Task03,
+ATLAS and 3D-IRCADb liver and tumour; FZMC tumour; MSD / nnU-Net the structures their
+dataset.json names). The loader turns the labels into the project's values for the structures
+asked for (``labels.label_values``: liver 1 / tumour 2, or tumour 1 for tumour-only outputs;
+a structure not asked for reads as background). A failed check raises :class:`CaseError`,
+whose message is the one-line reason a batch records for that case before it goes on with
+the others.
 
 Layouts: :data:`LAYOUTS` maps a layout name to its finder, modality, detection test and mask
 naming; ``mri`` is an alias of ``fzmc``. :func:`open_dataset` lists a folder's cases in a
@@ -35,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 from kerasunet.core.dicom import DicomError, holds_dicom, list_series, read_series
-from kerasunet.core.labels import MODALITY_LABELS, OUTPUTS, structure_of
+from kerasunet.core.labels import OUTPUTS, STRUCTURES, as_outputs, label_values, structure_of
 from kerasunet.core.nifti import NIFTI_SUFFIXES, Volume, VolumeError, load_volume, volume_from_image
 
 # stored labels may be floats a little off an integer (resampling, float storage)
@@ -43,14 +47,20 @@ LABEL_ROUNDING_TOLERANCE = 1e-3
 MISSING_LABEL = "label missing"
 MISSING_IMAGE = "image missing"
 DATASET_JSON = "dataset.json"
-# the label values of the layouts whose files hold the project's values (LiTS, FZMC, DICOM + label.nii)
-DEFAULT_LABEL_MAPS = {m: tuple((v, s) for s, v in values.items()) for m, values in MODALITY_LABELS.items()}
 ATLAS_LABEL_MAP = ((1, "liver"), (2, "tumour"))  # ATLAS 2023: 0 background, 1 liver, 2 tumour
+# the structures the labels of the fixed layouts hold (MSD / nnU-Net: their dataset.json; DICOM: the modality's)
+LITS_OUTPUTS = ATLAS_OUTPUTS = IRCADB_OUTPUTS = ("liver", "tumour")
+FZMC_OUTPUTS = ("tumour",)
 DICOM_MODALITIES = {"CT": "ct", "MR": "mri"}
 # the keys of a case in a records manifest (build state), written by case_entry, read by case_from_entry
 CASE_ENTRY_KEYS = ("image", "label", "label_map", "series")
 
 LabelMap = tuple[tuple[int | str, str | None], ...]
+
+
+def project_label_map(outputs) -> LabelMap:
+    """The label map of files that hold the project's values for ``outputs`` (LiTS, FZMC, DICOM + label.nii)."""
+    return tuple((v, s) for s, v in label_values(as_outputs(outputs)).items())
 
 
 class CaseError(VolumeError):
@@ -71,7 +81,7 @@ class CaseFiles:
         label: a NIfTI label map, a folder of mask series (3D-IRCADb ``MASKS_DICOM``), or
             None when the case has no label.
         label_map: ``((value or mask folder, structure or None), ...)``: what the label holds.
-            None: the project's values of the modality (``DEFAULT_LABEL_MAPS``).
+            None: the project's values of the layout's outputs (:func:`project_label_map`).
         series: the SeriesInstanceUID to read when the image folder holds several series.
     """
 
@@ -137,7 +147,7 @@ def find_lits_cases(root: Path, phase: str = "artery", series: str | None = None
     """LiTS: ``volume-N.nii[.gz]`` with ``segmentation-N.nii[.gz]``, in numeric order."""
     images, labels = _nifti_stems(root, r"volume-(\d+)"), _nifti_stems(root, r"segmentation-(\d+)")
     return _sorted([CaseFiles(f"volume-{n}", images.get(n, root / f"volume-{n}.nii"), labels.get(n),
-                              DEFAULT_LABEL_MAPS["ct"]) for n in images.keys() | labels.keys()])
+                              project_label_map(LITS_OUTPUTS)) for n in images.keys() | labels.keys()])
 
 
 def find_fzmc_cases(root: Path, phase: str = "artery", series: str | None = None) -> list[CaseFiles]:
@@ -149,7 +159,8 @@ def find_fzmc_cases(root: Path, phase: str = "artery", series: str | None = None
     for folder in _visible(root):
         image = _find_nifti(folder, phase) if folder.is_dir() else None
         if image is not None:
-            cases.append(CaseFiles(folder.name, image, _find_nifti(folder, "label"), DEFAULT_LABEL_MAPS["mri"]))
+            label = _find_nifti(folder, "label")
+            cases.append(CaseFiles(folder.name, image, label, project_label_map(FZMC_OUTPUTS)))
     return _sorted(cases)
 
 
@@ -173,13 +184,13 @@ def read_dataset_json(root: Path) -> dict:
     read as structures by ``labels.structure_of``; a value in a tumour region is tumour.
 
     Returns:
-        ``{"modality": "ct" | "mri", "label_map": LabelMap, "ending": ".nii.gz" | ".nii",
-        "channel_suffix": bool (v2 always; v1 when the images end in _0000)}``.
+        ``{"modality": "ct" | "mri", "label_map": LabelMap, "outputs": the structures the labels
+        hold (``("liver", "tumour")``, ``("tumour",)``, ``("liver",)``), "ending": ".nii.gz" |
+        ".nii", "channel_suffix": bool (v2 always; v1 when the images end in _0000)}``.
 
     Raises:
         VolumeError: the file is missing or does not parse, has not one image channel, an
-            ending other than NIfTI, or no liver or tumour label (or lacks one the modality's
-            models segment).
+            ending other than NIfTI, or no liver or tumour label.
     """
     path = root / DATASET_JSON
     try:
@@ -205,14 +216,11 @@ def read_dataset_json(root: Path) -> dict:
         names = ", ".join(map(str, raw_labels.values() if _value_first(raw_labels) else raw_labels))
         raise VolumeError(f"{path}: no liver or tumour label (labels: {names}); kerasunet reads labels named "
                           "liver, and tumour, tumor, lesion or cancer")
-    missing = [s for s in OUTPUTS[modality] if s not in held]
-    if missing:
-        raise VolumeError(f"{path}: no {' or '.join(missing)} label, which kerasunet's {modality.upper()} models "
-                          f"segment ({', '.join(OUTPUTS[modality])})")
     v2 = "channel_names" in meta
     images = [p.name for p in _visible(root / "imagesTr")]
     suffixed = v2 or (bool(images) and all(re.search(r"_\d{4}\.nii(\.gz)?$", n) for n in images))
-    return {"modality": modality, "label_map": label_map, "ending": ending, "channel_suffix": suffixed}
+    return {"modality": modality, "label_map": label_map, "outputs": tuple(s for s in STRUCTURES if s in held),
+            "ending": ending, "channel_suffix": suffixed}
 
 
 def _value_first(raw_labels: dict) -> bool:
@@ -312,6 +320,10 @@ def _dicom_modality(root: Path, cases: list[CaseFiles]) -> str:
     raise VolumeError(f"{root}: no DICOM image series (non-image objects and other files are ignored)")
 
 
+def _dataset_json_outputs(root: Path) -> tuple[str, ...]:
+    return read_dataset_json(root)["outputs"]
+
+
 def _has_images(root: Path) -> bool:
     return (root / "imagesTr").is_dir()
 
@@ -326,6 +338,8 @@ class Layout:
         detect: a cheap test that ``root`` is in this layout (used without ``--layout``).
         expected: what a folder of this layout holds (``{phase}`` is filled in), for errors.
         mask_name: where predict writes a case's mask, relative to the output folder.
+        outputs: the structures the labels hold, ``root -> outputs`` when the dataset says
+            (dataset.json), or None for the modality's default (``labels.OUTPUTS``).
     """
 
     find: Callable[[Path, str, str | None], list[CaseFiles]]
@@ -333,6 +347,7 @@ class Layout:
     detect: Callable[[Path, str], bool]
     expected: str
     mask_name: Callable[[CaseFiles], str]
+    outputs: tuple[str, ...] | Callable[[Path], tuple[str, ...]] | None = None
 
 
 def _lits_mask(case: CaseFiles) -> str:
@@ -345,23 +360,24 @@ def _case_mask(case: CaseFiles) -> str:
 
 FZMC = Layout(find_fzmc_cases, "mri",
               lambda root, phase: any(_find_nifti(d, phase) for d in _visible(root) if d.is_dir()),
-              "case folders holding {phase}.nii[.gz]", lambda c: f"{c.case_id}/prediction.nii.gz")
+              "case folders holding {phase}.nii[.gz]", lambda c: f"{c.case_id}/prediction.nii.gz", FZMC_OUTPUTS)
 LAYOUTS = {
     "lits": Layout(find_lits_cases, "ct", lambda root, phase: bool(_nifti_stems(root, r"volume-(\d+)")),
-                   "volume-N.nii[.gz] files", _lits_mask),
+                   "volume-N.nii[.gz] files", _lits_mask, LITS_OUTPUTS),
     "fzmc": FZMC,
     "mri": FZMC,  # the name of the FZMC layout before there were others
     "msd": Layout(_find_decathlon, lambda root, cases: read_dataset_json(root)["modality"],
                   lambda root, phase: _has_images(root) and (root / DATASET_JSON).exists(),
-                  "imagesTr/ and labelsTr/ with dataset.json", _case_mask),
+                  "imagesTr/ and labelsTr/ with dataset.json", _case_mask, _dataset_json_outputs),
     "nnunet": Layout(_find_decathlon, lambda root, cases: read_dataset_json(root)["modality"],
                      lambda root, phase: _has_images(root) and "channel_names" in _text(root / DATASET_JSON),
-                     "imagesTr/CASE_0000.nii.gz, labelsTr/ and a dataset.json with channel_names", _case_mask),
+                     "imagesTr/CASE_0000.nii.gz, labelsTr/ and a dataset.json with channel_names", _case_mask,
+                     _dataset_json_outputs),
     "atlas": Layout(find_atlas_cases, "mri", lambda root, phase: bool(_nifti_stems(root / "imagesTr", r"im(\d+)")),
                     "imagesTr/imN.nii.gz with labelsTr/lbN.nii.gz",
-                    lambda c: f"lb{c.case_id[2:]}.nii.gz"),
+                    lambda c: f"lb{c.case_id[2:]}.nii.gz", ATLAS_OUTPUTS),
     "ircadb": Layout(find_ircadb_cases, "ct", lambda root, phase: bool(find_ircadb_cases(root)),
-                     "patient folders holding PATIENT_DICOM/ (and MASKS_DICOM/)", _case_mask),
+                     "patient folders holding PATIENT_DICOM/ (and MASKS_DICOM/)", _case_mask, IRCADB_OUTPUTS),
     "dicom": Layout(find_dicom_cases, _dicom_modality, lambda root, phase: bool(find_dicom_cases(root)),
                     "folders of DICOM files, one series each", _case_mask),
 }
@@ -386,12 +402,15 @@ class Dataset:
         layout: the layout's name (a key of :data:`LAYOUTS`).
         modality: "ct" or "mri".
         cases: in natural case order.
+        outputs: the structures the labels hold, in ``labels.STRUCTURES`` order (records,
+            models and scores follow them; ``labels.label_values`` gives their values).
     """
 
     root: Path
     layout: str
     modality: str
     cases: list[CaseFiles]
+    outputs: tuple[str, ...] = ()
 
 
 def _folder(root: str | Path) -> Path:
@@ -439,9 +458,17 @@ def open_dataset(root: str | Path, layout: str | None = None, phase: str = "arte
     if not cases:
         raise VolumeError(f"{root}: no {name} cases found (expected {spec.expected.format(phase=phase)})")
     modality = spec.modality if isinstance(spec.modality, str) else spec.modality(root, cases)
+    outputs = layout_outputs(spec, root, modality)
     # label files that hold the project's values say so, so manifests record what every label holds
-    cases = [c if c.label_map is not None else replace(c, label_map=DEFAULT_LABEL_MAPS[modality]) for c in cases]
-    return Dataset(root, "fzmc" if name == "mri" else name, modality, cases)
+    cases = [c if c.label_map is not None else replace(c, label_map=project_label_map(outputs)) for c in cases]
+    return Dataset(root, "fzmc" if name == "mri" else name, modality, cases, outputs)
+
+
+def layout_outputs(spec: Layout, root: Path, modality: str) -> tuple[str, ...]:
+    """The structures the labels of ``root`` in layout ``spec`` hold (:attr:`Layout.outputs`)."""
+    if spec.outputs is None:
+        return OUTPUTS[modality]
+    return spec.outputs if isinstance(spec.outputs, tuple) else spec.outputs(root)
 
 
 def find_dataset_cases(source: str | Path, dataset: str, phase: str = "artery",
@@ -472,6 +499,11 @@ def dataset_modality(root: str | Path, layout: str, phase: str = "artery") -> st
     """The modality of the dataset in ``root`` (read from dataset.json or DICOM for some layouts)."""
     spec = LAYOUTS[layout]
     return spec.modality if isinstance(spec.modality, str) else open_dataset(root, layout, phase).modality
+
+
+def dataset_outputs(root: str | Path, layout: str, modality: str) -> tuple[str, ...]:
+    """The structures the labels of the dataset in ``root`` hold (``modality`` from :func:`dataset_modality`)."""
+    return layout_outputs(LAYOUTS[layout], Path(root), modality)
 
 
 def mask_path(layout: str, case: CaseFiles) -> str:
@@ -509,19 +541,22 @@ def load_image(path: str | Path, series: str | None = None) -> Volume:
     return image
 
 
-def check_label(label: np.ndarray, modality: str, label_map: LabelMap | None = None) -> np.ndarray:
-    """Checks a label array's values and returns it in the project's values for ``modality`` (uint8).
+def check_label(label: np.ndarray, outputs, label_map: LabelMap | None = None) -> np.ndarray:
+    """Checks a label array's values and returns it in the project's values for ``outputs`` (uint8).
 
     Args:
         label: the label map as stored.
-        modality: "ct" or "mri": the structures kept and their values (``labels.MODALITY_LABELS``).
-        label_map: ``((value, structure or None), ...)`` of the dataset; None: the project's values.
+        outputs: the structures kept, valued by ``labels.label_values``; a modality name
+            ("ct", "mri") stands for its default structures.
+        label_map: ``((value, structure or None), ...)`` of the dataset; None: the project's
+            values of ``outputs``.
 
     Raises:
         CaseError: NaN/Inf, values further than :data:`LABEL_ROUNDING_TOLERANCE` from an
             integer, or values outside the dataset's set.
     """
-    label_map = DEFAULT_LABEL_MAPS[modality] if label_map is None else label_map
+    values = label_values(as_outputs(outputs))
+    label_map = project_label_map(tuple(values)) if label_map is None else label_map
     if not np.isfinite(label).all():
         raise CaseError("label contains NaN/Inf")
     rounded = np.rint(label)
@@ -534,13 +569,13 @@ def check_label(label: np.ndarray, modality: str, label_map: LabelMap | None = N
         raise CaseError(f"label values {bad} outside the expected set {allowed}")
     lut = np.zeros(max(allowed) + 1, np.uint8)
     for value, structure in label_map:
-        lut[int(value)] = MODALITY_LABELS[modality].get(structure, 0)
+        lut[int(value)] = values.get(structure, 0)
     return lut[rounded.astype(np.int64)]
 
 
-def _mask_folders_label(files: CaseFiles, image: Volume, modality: str) -> np.ndarray:
+def _mask_folders_label(files: CaseFiles, image: Volume, outputs) -> np.ndarray:
     """The label of a folder of mask series (3D-IRCADb ``MASKS_DICOM``), in the project's values."""
-    values = MODALITY_LABELS[modality]
+    values = label_values(as_outputs(outputs))
     label_map = files.label_map or ()
     if "liver" in values and not any(s == "liver" for _, s in label_map):
         raise CaseError(f"{files.label}: no liver mask folder")
@@ -556,12 +591,13 @@ def _mask_folders_label(files: CaseFiles, image: Volume, modality: str) -> np.nd
     return out
 
 
-def load_case(files: CaseFiles, modality: str) -> tuple[Volume, np.ndarray]:
+def load_case(files: CaseFiles, outputs) -> tuple[Volume, np.ndarray]:
     """Loads one labelled case in canonical order and runs every image and label check.
 
     Args:
         files: the case's image and label paths and what its labels hold.
-        modality: "ct" or "mri"; selects the structures kept and their values.
+        outputs: the structures kept (:attr:`Dataset.outputs`), valued by
+            ``labels.label_values``; a modality name stands for its default structures.
 
     Returns:
         ``(image Volume, label uint8 array)`` of equal shape, the label in the project's values.
@@ -575,8 +611,8 @@ def load_case(files: CaseFiles, modality: str) -> tuple[Volume, np.ndarray]:
         raise CaseError(MISSING_LABEL)
     image = load_image(files.image, files.series)
     if Path(files.label).is_dir():
-        return image, _mask_folders_label(files, image, modality)
+        return image, _mask_folders_label(files, image, outputs)
     label = _read(Path(files.label))
     if image.data.shape != label.data.shape:
         raise CaseError(f"image shape {image.data.shape} differs from label shape {label.data.shape}")
-    return image, check_label(label.data, modality, files.label_map)
+    return image, check_label(label.data, outputs, files.label_map)

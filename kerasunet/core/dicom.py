@@ -10,7 +10,7 @@ it (``nifti.save_like``) land in the series' own world geometry:
   objects: :data:`NON_SLICE_MODALITIES`, no position) is ignored; a folder with several
   image series needs ``series``;
 * the chosen series' files are read once: SimpleITK's series reader returns the pixels and
-  every file's header, on which the grid is checked;
+  every file's header, on which the grid is checked; the voxels are copied once, into slice order;
 * slices are ordered by their position along the slice normal, not by file name or
   instance number;
 * rescale slope and intercept are applied (GDCM), voxels are float32;
@@ -226,6 +226,17 @@ def _check_grid(folder: Path, slices: Sequence[Slice]) -> list[Slice]:
     return ordered
 
 
+def ordered_slices(folder: str | Path, series: str | None = None) -> list[Slice]:
+    """The slices of the folder's series (``series`` when it holds several) in :func:`read_series`'s
+    order, each header read alone: slice ``k`` of the volume is ``ordered_slices(...)[k].path``.
+
+    Raises:
+        DicomError: as :func:`read_series`.
+    """
+    folder = Path(folder)
+    return _check_grid(folder, slice_headers(choose_series(folder, series)))
+
+
 def series_affine(ordered: Sequence[Slice]) -> np.ndarray:
     """The RAS affine of sorted slices: voxel (column, row, slice) -> world mm."""
     first, last = ordered[0], ordered[-1]
@@ -284,7 +295,10 @@ def read_series(folder: str | Path, series: str | None = None) -> nib.Nifti1Imag
     ordered = _check_grid(folder, headers)
     index = {h.path: i for i, h in enumerate(headers)}
     order = [index[h.path] for h in ordered]
-    data = sitk.GetArrayFromImage(image)[order].transpose(2, 1, 0)  # (slice, row, column) -> NIfTI's order
+    # One copy of the voxels, the reordering one: with the reader gone the image owns its buffer,
+    # so the view needs no copy (GetArrayFromImage would copy it twice more).
+    del reader
+    data = sitk.GetArrayViewFromImage(image)[order].transpose(2, 1, 0)  # (slice, row, column) -> NIfTI's order
     out = nib.Nifti1Image(data, series_affine(ordered))
     out.header.set_xyzt_units("mm")
     return out

@@ -36,6 +36,19 @@ baked in): any size that is a multiple of each axis's pooling factor
 training patch or, where memory allows, a whole padded volume. ``data.context`` is 0 and
 ``data.image_size`` null for 3D runs.
 
+A cascade's second stage (``train --stage tumour --liver-model RUN``, :mod:`kerasunet.cascade`)
+has ``model.outputs`` ``["tumour"]`` and one more key::
+
+    {"cascade": {"liver_model": "/abs/path/to/stage-1 run", "roi_size": [H, W], "margin_mm": m}}
+
+* ``liver_model``: the stage-1 run (a 2D run whose outputs include liver), absolute path.
+* ``roi_size``: the size every liver ROI is resized to before the model (its input size).
+* ``margin_mm``: the margin around the liver's bounding box, in mm.
+
+predict, evaluate and export given such a run run both stages and return the cascade's
+outputs (liver from stage 1, tumour from stage 2 inside the liver; CT labels 0/1/2).
+Runs without the key are not cascades (``RunInfo.cascade`` None).
+
 A ``.keras`` file may be given instead of a run folder when a ``config.json`` sits next to it.
 """
 
@@ -76,6 +89,18 @@ class RunInfo:
         from kerasunet.core.labels import OUTPUTS
 
         return tuple(self.config["model"].get("outputs") or OUTPUTS[self.modality])
+
+    @property
+    def mask_outputs(self) -> tuple[str, ...]:
+        """The structures of the masks predict writes with this run: ``outputs``, or a
+        cascade's ``("liver", "tumour")`` (liver from its first stage)."""
+        return ("liver", "tumour") if self.cascade else self.outputs
+
+    @property
+    def cascade(self) -> dict | None:
+        """A cascade's second stage: config.json's ``cascade`` (liver_model, roi_size,
+        margin_mm); None for other runs."""
+        return self.config.get("cascade") or None
 
     @property
     def context(self) -> int:

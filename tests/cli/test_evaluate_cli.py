@@ -114,11 +114,20 @@ def test_pred_truth_scores_mask_folders_with_the_lits2017_convention(tmp_path):
     medpy = invoke("evaluate", "--pred", pred, "--truth", truth, "--out", tmp_path / "medpy", "--convention", "medpy")
     assert medpy.exit_code == 0, medpy.output
     assert json.loads((tmp_path / "medpy" / "summary.json").read_text())["convention"] == "medpy"
+    # ATLAS-style MRI masks hold liver 1 and tumour 2: --structures says so, and both are scored
+    mri = invoke("evaluate", "--pred", pred, "--truth", truth, "--out", tmp_path / "mri", "--modality", "mri",
+                 "--structures", "liver,tumour")
+    assert mri.exit_code == 0, mri.output
+    scored = json.loads((tmp_path / "mri" / "summary.json").read_text())["models"]["pred"]["structures"]
+    assert set(scored) == {"liver", "tumour"} and scored["liver"]["dice_per_case"] == pytest.approx(1.0)
+    assert scored["tumour"]["dice_per_case"] == pytest.approx(tumour["dice_per_case"])
 
 
 @pytest.mark.parametrize("args, message", [
     (["--pred", "p"], "--pred and --truth go together"),
     (["--pred", "p", "--truth", "t", "--model", "m"], "drop --model"),
+    (["--pred", "p", "--truth", "t", "--structures", "tumour,liver"], "Expected structures from ('liver', 'tumour')"),
+    (["--model", "m", "--input", "i", "--structures", "tumour"], "--structures applies to --pred/--truth"),
 ])
 def test_pred_truth_misuse_is_refused(tmp_path, args, message):
     result = invoke("evaluate", *args, "--out", tmp_path / "o")

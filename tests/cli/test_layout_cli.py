@@ -96,3 +96,13 @@ def test_experiment_takes_the_layout_of_each_side_and_checks_its_modality(layout
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert result.output.splitlines()[-1] == (f"Error: Expected CT data for the lits side. Received: "
                                               f"{layout_phantoms / 'atlas'} (atlas layout, MRI)")
+
+
+def test_dicom_seg_output_of_a_nifti_input_is_one_line(layout_phantoms, runs, tmp_path):
+    volume = layout_phantoms / "lits" / "volume-0.nii"
+    result = invoke("predict", "--model", runs["ct"], "--input", volume, "--output", tmp_path / "m.nii.gz",
+                    "--output-format", "dicom-seg")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.output == (f"Error: {volume}: --output-format dicom-seg needs DICOM series input (a DICOM "
+                             "Segmentation references its source images); this is not a DICOM series folder\n")
+    assert not (tmp_path / "m.nii.gz").exists() and not (tmp_path / "m.dcm").exists()

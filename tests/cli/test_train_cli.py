@@ -133,3 +133,28 @@ def test_preset_fills_the_options_not_given(records, tmp_path, monkeypatch):
     assert (settings.epochs, settings.batch_size, settings.monitor) == (3, 10, "dice")
     run("--records", records, "--out", tmp_path / "plain")
     assert seen[1] == TrainSettings(records=str(records), out=str(tmp_path / "plain"))
+
+
+def test_3d_patch_over_the_memory_budget_is_refused_in_one_line(tmp_path):
+    from tests.helpers import build_settings, write_lits
+    from tfrecords_builder.build import build_records
+
+    records = tmp_path / "records"
+    build_records(build_settings(write_lits(tmp_path / "src", n=2), records, volumes=True, val_fraction=0,
+                                 test_fraction=0))
+    result = run("--records", records, "--out", tmp_path / "run", "--dims", "3", "--patch-size", "8x16x16",
+                 "--memory-budget", "0.001", "--batch-size", "2", *TINY[:4], "--mixed-precision", "off")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    *estimates, error = result.output.splitlines()
+    assert [line.split(",")[2].split(":")[0] for line in estimates] == [" float32", " mixed_float16"]
+    match = re.fullmatch(r"Error: Expected a patch that fits the memory budget of 0\.001 GiB\. Received: "
+                         r"patch_size=8x16x16 \(estimated [\d.]+ GiB, float32, batch 2\); the largest patch of "
+                         r"that shape that fits is (\d+)x(\d+)x(\d+) \([\d.]+ GiB\)", error)
+    assert match, error
+    from kerasunet.planner import estimate_memory
+
+    named = tuple(int(v) for v in match.groups())
+    arch = dict(num_outputs=2, filters=4, depth=2, spacing=(2.5, 0.8, 0.7))
+    assert named[1:] == (2 * named[0],) * 2 and named < (8, 16, 16)
+    assert estimate_memory(named, 2, **arch).total <= 0.001 * 2**30 < estimate_memory((8, 16, 16), 2, **arch).total
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+from pathlib import Path
 
 import matplotlib.image
 import nibabel as nib
@@ -185,3 +186,18 @@ def test_records_or_volume_folder_as_asked(tmp_path):
     with pytest.raises(EvaluateError, match=r"records: holds manifest\.json, so it is a records folder "
                                             r"\(give it to --records\)$"):
         find_eval_cases(records, records=False)
+
+
+def test_scored_structures_are_those_the_labels_and_every_model_hold():
+    from kerasunet.core.runs import RunInfo
+    from kerasunet.evaluate import scored_outputs
+
+    def run(name, outputs):
+        return RunInfo(Path(f"{name}/best.keras"), {"model": {"outputs": list(outputs)}, "data": {"modality": "mri"}})
+
+    atlas, fzmc = run("atlas", ("liver", "tumour")), run("fzmc", ("tumour",))
+    assert scored_outputs({"a": (None, atlas)}, ("liver", "tumour"), "data") == ("liver", "tumour")
+    assert scored_outputs({"a": (None, atlas), "f": (None, fzmc)}, ("liver", "tumour"), "data") == ("tumour",)
+    with pytest.raises(EvaluateError, match=r"^data: its labels hold tumour, which no model segments "
+                                            r"\(liver/best\.keras: liver\)$"):
+        scored_outputs({"l": (None, run("liver", ("liver",)))}, ("tumour",), "data")

@@ -47,6 +47,25 @@ def _results(a, b, c, spread, base=0.0):
     return rows
 
 
+def _summary(outputs, dice):
+    """An evaluate summary of models A and the baseline scoring ``outputs`` with Dice ``dice[structure]``."""
+    def scored(values):
+        return {"structures": {st: {k: {"mean": values[st]} for k, _ in exp.TABLE_METRICS} for st in outputs}}
+
+    return {"outputs": list(outputs), "models": {"A (scratch)": scored(dice)},
+            "baselines": {"all-background": scored({st: 0.0 for st in outputs})}}
+
+
+def test_the_mri_report_covers_each_structure_the_mri_set_holds():
+    runs = [r for r in plan_runs(ExperimentSettings(lits=Path("."), mri=Path("."), out=Path("."), repeats=1,
+                                                    ablation=False)) if r.label == "A (scratch)"]
+    atlas = exp.other_mri_results(runs, [_summary(("liver", "tumour"), {"liver": 0.9, "tumour": 0.4})])
+    assert list(atlas) == ["liver"] and atlas["liver"]["A (scratch)"]["dice_per_case"] == (0.9, 0.0)
+    assert exp.mri_results(runs, [_summary(("liver", "tumour"), {"liver": 0.9, "tumour": 0.4})])[
+        "A (scratch)"]["dice_per_case"] == (0.4, 0.0)
+    assert exp.other_mri_results(runs, [_summary(("tumour",), {"tumour": 0.4})]) == {}  # FZMC: tumour only
+
+
 def test_what_this_shows_compares_the_gap_with_the_spread():
     real = what_this_shows(_results(0.7, 0.5, 0.4, spread=0.02), 3, {})
     assert "A (scratch) has the highest" in real and "looks real, not noise" in real
@@ -80,6 +99,7 @@ def test_experiment_runs_end_to_end_and_resumes(tiny_phantoms, tmp_path, tiny_pr
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert set(results["mri"]) == {"A (scratch)", "B (init)", "C (freeze)", "all-background"}
     assert all(math.isfinite(v) for v in results["mri"]["all-background"]["dice_per_case"])
+    assert "mri_liver" not in results and "## Test metrics, MRI liver" not in text  # FZMC labels: tumour only
     # The settings printed are the ones the runs recorded.
     config = json.loads((tmp_path / "exp" / "runs" / INIT / "config.json").read_text())["train"]
     assert config["epochs"] == 2 and results["settings"][INIT] == config
@@ -119,7 +139,7 @@ class FakeSteps:
         self.evaluated.append(out_dir.name)
         metrics = {key: {"mean": 0.5} for key, _ in exp.TABLE_METRICS}
         structures = {"liver": metrics, "tumour": metrics}
-        summary = {"n_cases": 1, "cases": ["case"], "overlays": [],
+        summary = {"n_cases": 1, "cases": ["case"], "overlays": [], "outputs": list(structures),
                    "models": {name: {"path": str(path), "structures": structures}
                               for name, path in models.items()},
                    "baselines": {"all-background": {"structures": structures}}}

@@ -31,7 +31,7 @@ def _marked_slice():
 
 def test_example_grid_shows_slices_as_the_evaluate_overlays_do(tmp_path, shown):
     image, label = _marked_slice()
-    figures.overlay_figure(image, label, {}, tmp_path / "overlay.png", modality="ct")
+    figures.overlay_figure(image, label, {}, tmp_path / "overlay.png", outputs="ct")
     overlay_image, _, overlay_labels = shown[:3]  # "image" panel, then "ground truth": image + labels
     shown.clear()
     other = np.zeros_like(image)
@@ -55,3 +55,12 @@ def test_example_grid_shows_slices_as_the_evaluate_overlays_do(tmp_path, shown):
 def test_example_grid_needs_an_example(tmp_path):
     with pytest.raises(ValueError, match=r"^Expected at least one example to show. Received: 0 examples$"):
         figures.save_example_grid([], "ct", tmp_path / "grid.png")
+
+
+def test_overlays_colour_the_structures_a_label_map_holds():
+    labels = np.array([[0, 1, 2]], np.uint8)
+    both = figures.colour_labels(labels, ("liver", "tumour"))  # CT, or an ATLAS MRI model
+    assert (both[0, 1, :3] == np.float32(COLOURS["liver"])).all()
+    assert (both[0, 2, :3] == np.float32(COLOURS["tumour"])).all()
+    tumour_only = figures.colour_labels(labels, "mri")
+    assert (tumour_only[0, 1, :3] == np.float32(COLOURS["tumour"])).all() and tumour_only[0, 2, 3] == 0

@@ -65,9 +65,10 @@ def test_mri_lesions_have_no_liver_features_and_become_background():
     labels[2:5, 2:5, 1] = 1
     labels[8, 8, 1] = 1
     prob = np.where(labels == 1, 0.7, 0.0).astype(np.float32)
-    components, features = lesion_features(labels, prob, np.zeros(labels.shape), (1, 1, 1), "mri")
+    components, features = lesion_features(labels, prob, np.zeros(labels.shape), (1, 1, 1), ("tumour",))
     assert all(math.isnan(f["depth_mm"]) and math.isnan(f["contrast"]) for f in features)
-    out = filter_lesions(labels, prob, np.zeros(labels.shape), (1, 1, 1), LesionFilter(volume_mm3=2, depth_mm=3), "mri")
+    out = filter_lesions(labels, prob, np.zeros(labels.shape), (1, 1, 1), LesionFilter(volume_mm3=2, depth_mm=3),
+                         ("tumour",))
     assert out.sum() == 9 and out[8, 8, 1] == 0  # NaN depth passes; the 1-voxel lesion goes
 
 
@@ -119,3 +120,53 @@ def test_thresholds_are_checked(field, value):
 def test_shapes_must_agree():
     with pytest.raises(ValueError, match=r"^Expected labels, probabilities and image of one shape"):
         lesion_features(np.zeros((3, 3, 3), np.uint8), np.zeros((3, 3, 2)), np.zeros((3, 3, 3)), (1, 1, 1))
+
+
+def test_thresholds_file_round_trip_and_bad_files(tmp_path):
+    from kerasunet.lesion_filter import read_lesion_filter, write_lesion_filter
+
+    thresholds = LesionFilter(volume_mm3=15.0, contrast=1.5)
+    write_lesion_filter(tmp_path / "f.json", thresholds)
+    assert read_lesion_filter(tmp_path / "f.json") == thresholds
+    (tmp_path / "bad.json").write_text('{"volume": 3}')
+    with pytest.raises(ValueError, match=r"bad\.json: a lesion filter is a JSON object with keys from"):
+        read_lesion_filter(tmp_path / "bad.json")
+    (tmp_path / "neg.json").write_text('{"volume_mm3": -3}')
+    with pytest.raises(ValueError, match=r"neg\.json: Expected a finite volume_mm3 >= 0"):
+        read_lesion_filter(tmp_path / "neg.json")
+
+
+def test_evaluate_with_a_lesion_filter_reports_lesions_before_and_after(tmp_path):
+    """The threshold model finds a true tumour (18 voxels) and a 12-voxel false one; a volume
+    threshold of 15 mm³ drops the false one: precision 0.5 -> 1, recall 1 -> 1."""
+    import json
+
+    import nibabel as nib
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from tests.helpers import ct_phantom, expected_ct_labels, threshold_model, write_run
+
+    run = write_run(tmp_path / "run", threshold_model())
+    (tmp_path / "lits").mkdir()
+    hu = ct_phantom((24, 20, 8))
+    truth = expected_ct_labels(hu)
+    hu[9:11, 6:9, 2:4] = 200.0  # a hot spot in the liver the labels call liver
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(tmp_path / "lits" / "volume-0.nii"))
+    nib.save(nib.Nifti1Image(truth, np.eye(4)), str(tmp_path / "lits" / "segmentation-0.nii"))
+    (tmp_path / "filter.json").write_text('{"volume_mm3": 15}')
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(run), "--input", str(tmp_path / "lits"),
+                                       "--out", str(tmp_path / "report"), "--overlays", "0",
+                                       "--lesion-filter", str(tmp_path / "filter.json")])
+    assert result.exit_code == 0, result.output
+    model = json.loads((tmp_path / "report" / "summary.json").read_text())["models"]["run"]
+    after, before = model["structures"]["tumour"], model["before_lesion_filter"]["structures"]["tumour"]
+    assert (before["pred_lesions"], before["lesion_precision"], before["lesion_recall"]) == (2, 0.5, 1.0)
+    assert (after["pred_lesions"], after["lesion_precision"], after["lesion_recall"]) == (1, 1.0, 1.0)
+    assert after["dice_per_case"] == 1.0 > before["dice_per_case"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| run | before | 2 | 0.500 | 1.000 |" in report and "| run | after | 1 | 1.000 | 1.000 | 1.000 |" in report
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(run), "--input", str(tmp_path / "lits"),
+                                       "--out", str(tmp_path / "r2"), "--lesion-filter", str(tmp_path / "none.json")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith(f"Error: {tmp_path / 'none.json'}: cannot read the lesion filter")

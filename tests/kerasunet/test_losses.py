@@ -82,6 +82,25 @@ def test_sums_of_two_halves_give_the_loss_of_the_whole_batch(name):
     assert first_half != pytest.approx(whole, rel=1e-3)  # the halves differ, so the check means something
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_volume_loss_is_the_loss_of_its_slices(name):
+    """A 3D batch ``[B, D, H, W, N]`` is scored over every voxel, as its slices would be in 2D."""
+    loss = get_loss(name, ("liver", "tumour"))
+    y_true, y_pred = masks((2, 3, 4, 5, 2))
+    as_slices = value(loss, y_true.reshape(6, 4, 5, 2), y_pred.reshape(6, 4, 5, 2))
+    assert value(loss, y_true, y_pred) == pytest.approx(as_slices, rel=1e-5)
+
+
+def test_masked_loss_dilation_grows_the_mask_in_3d():
+    y_true = np.zeros((1, 3, 8, 8, 2), np.float32)
+    y_true[0, 1, :, :4, 0] = 1  # liver on the middle slice only
+    y_pred = np.full(y_true.shape, 0.2, np.float32)
+    above = y_pred.copy()
+    above[0, 0, :, :4, 1] = 0.99  # tumour false positives on the slice above the liver
+    assert value(MaskedTumourLoss(), y_true, above) == value(MaskedTumourLoss(), y_true, y_pred)
+    assert value(MaskedTumourLoss(dilation=1), y_true, above) > value(MaskedTumourLoss(dilation=1), y_true, y_pred)
+
+
 def ct_case():
     """Liver in the left half; a tumour inside it."""
     y_true = np.zeros((1, 8, 8, 2), np.float32)

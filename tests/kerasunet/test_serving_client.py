@@ -149,7 +149,7 @@ def test_server_error_body_in_message(served, tmp_path):
 
 
 def test_bad_signature_name(served):
-    with pytest.raises(ServingError, match=r"liver-mri/metadata: no signature 'other' \(has \['serving_default'\]\)"):
+    with pytest.raises(ServingError, match=r"liver-mri/metadata: no signature 'other' \(has \['model_info', 'serving_default'\]\)"):
         fetch_model(served["mri"].url, "liver-mri", signature="other")
 
 
@@ -240,3 +240,21 @@ def test_modality_follows_the_output_channels(outputs, modality):
 def test_plan_batches_rejects_zero():
     with pytest.raises(ValueError, match=r"^Expected batch_size >= 1. Received: batch_size=0$"):
         plan_batches(5, 10, 0, RemoteModel(url="u", channels=3, num_outputs=2))
+
+
+def test_an_mri_model_with_liver_and_tumour_is_served_as_such(tmp_path):
+    from kerasunet.core.preprocessing import NormSettings
+
+    run = write_unet_run(tmp_path / "runs/atlas", "ct", seed=2)  # two channels ...
+    config = json.loads((run / "config.json").read_text())
+    config["data"].update(modality="mri", norm=NormSettings("mri").to_dict())  # ... of an ATLAS-like MRI set
+    config["model"]["outputs"] = ["liver", "tumour"]
+    (run / "config.json").write_text(json.dumps(config))
+    export_model(run, tmp_path / "saved_models/liver-atlas")
+    with ServingDouble(tmp_path / "saved_models/liver-atlas") as double:
+        model = fetch_model(double.url, "liver-atlas", modality="mri")
+        assert (model.modality, model.outputs, model.num_outputs) == ("mri", ("liver", "tumour"), 2)
+        assert model.one_case_per_request  # MRI: statistics of the whole request
+        with pytest.raises(ServingError, match=r"the input is CT but the model was exported for MRI \(its "
+                                               r"'probabilities' are liver, tumour\)"):
+            fetch_model(double.url, "liver-atlas", modality="ct")

@@ -194,7 +194,7 @@ def test_unknown_model_version_or_label(served, tmp_path, name, version, label, 
 
 def test_wrong_signature_name(served):
     with pytest.raises(ServingError, match=r"liver: GetModelMetadata: no signature 'other' "
-                                           r"\(has \['__saved_model_init_op', 'serving_default'\]\)$"):
+                                           r"\(has \['__saved_model_init_op', 'model_info', 'serving_default'\]\)$"):
         fetch_model(served["grpc"].url, "liver", signature="other")
 
 

@@ -467,3 +467,93 @@ def test_plateau_halves_the_optimizer_rate_and_cosine_decays():
     assert current_lr(cosine) == pytest.approx(1e-3)
     cosine.iterations.assign(1)
     assert current_lr(cosine) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi / 2)), rel=1e-4)
+
+
+# --- 3D: patches of volume records ---------------------------------------------------------
+
+TINY_3D = {**TINY, "batch_size": 2, "dims": 3, "patch_size": (8, 16, 16)}
+
+
+@pytest.fixture(scope="module")
+def ct_3d(tmp_path_factory):
+    """Volume records of three helpers.phantom cases (9x20x18 crops) and a 3D CT run on them."""
+    from tests.helpers import build_settings, write_lits
+    from tfrecords_builder.build import build_records
+
+    root = tmp_path_factory.mktemp("ct3d")
+    build_records(build_settings(write_lits(root / "src", n=3), root / "records", volumes=True, crop_margin_mm=2.0,
+                                 val_fraction=0.3, test_fraction=0))
+    lines = []
+    settings = TrainSettings(records=str(root / "records"), out=str(root / "run"), epochs=1, steps_per_epoch=2,
+                             **TINY_3D)
+    return fit(settings, progress=lines.append), lines
+
+
+def test_3d_run_writes_the_run_folder_contract(ct_3d):
+    from kerasunet.core.runs import load_model, resolve_run
+
+    result, lines = ct_3d
+    info = resolve_run(result.run_dir)
+    assert (info.dims, info.patch_size, info.spacing) == (3, (8, 16, 16), (2.5, 0.8, 0.7))
+    assert info.config["train"]["patch_size"] == [8, 16, 16] and info.config["data"]["context"] == 0
+    model = load_model(info)
+    assert model.input_shape == (None, None, None, None, 1) and model.output_shape[-1] == 2
+    assert [line.split(":")[0] for line in lines[:2]] == ["memory estimate per replica"] * 2
+    assert "float32" in lines[0] and "mixed_float16" in lines[1]
+    assert {"val_loss", "val_dice_liver", "val_dice_tumour"} <= set(result.history[0])
+
+
+def test_3d_ct_to_3d_mri_transfer_moves_the_right_weights(ct_3d, tiny_phantoms, tmp_path):
+    import keras
+
+    from kerasunet.transfer import build_for_mode
+    from tests.helpers import build_settings
+    from tfrecords_builder.build import build_records
+
+    records = tmp_path / "mri"
+    build_records(build_settings(tiny_phantoms / "mri", records, dataset="mri", volumes=True, val_fraction=0,
+                                 test_fraction=0))
+    ct_run = ct_3d[0].run_dir
+    pretrained = keras.saving.load_model(ct_run / "best.keras")
+    settings = TrainSettings(records=str(records), out=str(tmp_path / "run"), mode="freeze", pretrained=str(ct_run),
+                             epochs=1, steps_per_epoch=2, lr=1e-2, freeze_blocks=1, **TINY_3D)
+    trained = keras.saving.load_model(fit(settings).run_dir / "best.keras")
+    for layer in pretrained.layers:
+        if layer.weights and layer.name != "head_conv":
+            same = all(np.array_equal(a, b) for a, b in
+                       zip(layer.get_weights(), trained.get_layer(layer.name).get_weights()))
+            if layer.name.startswith("encoder_1_"):
+                assert same, f"{layer.name} changed although frozen"
+            elif layer.name.endswith(("_conv_a", "_conv_b")):
+                assert not same, f"{layer.name} did not train"
+    init = build_for_mode("init", (None, None, None, 1), 1, pretrained=str(ct_run), filters=4, depth=2, dims=3,
+                          spacing=(3.0, 1.0, 1.0))
+    for layer in pretrained.layers:
+        expected = layer.get_weights()
+        if layer.name == "head_conv":  # the CT head's tumour column
+            expected = [w[..., 1:2] for w in expected]
+        for a, b in zip(expected, init.get_layer(layer.name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_3d_settings_are_checked():
+    with pytest.raises(TrainError, match=re.escape("Expected patch_size (D, H, W) with dims=3 and none with dims=2. "
+                                                   "Received: patch_size=None")):
+        TrainSettings(records="r", out="o", dims=3)
+    with pytest.raises(TrainError, match=re.escape("Expected no image_size with dims=3 (use patch_size). "
+                                                   "Received: image_size=(32, 32)")):
+        TrainSettings(records="r", out="o", dims=3, patch_size=(8, 16, 16), image_size=(32, 32))
+
+
+def test_3d_mixed_precision_on_cpu_is_refused(ct_3d, tmp_path):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("the refusal is for machines without a GPU")
+    records = ct_3d[0].run_dir.parent / "records"
+    settings = TrainSettings(records=str(records), out=str(tmp_path / "run"), epochs=1,
+                             **{**TINY_3D, "mixed_precision": "on"})
+    with pytest.raises(TrainError, match=re.escape("--mixed-precision on with --dims 3 needs a GPU (TensorFlow has "
+                                                   "no float16 3D max-pooling on CPU); use --mixed-precision auto or off")):
+        fit(settings)
+    assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 """Tests of kerasunet.transfer: what scratch, init and freeze do to the weights."""
 
+import json
 import re
 
 import keras
@@ -10,6 +11,7 @@ from kerasunet.losses import get_loss
 from kerasunet.model import block_of, build_unet
 from kerasunet.core.runs import RunError
 from kerasunet.transfer import build_for_mode, frozen_blocks, transfer_weights
+from tests.helpers import write_run
 
 ARCH = {"filters": 4, "depth": 3}
 SHAPE = (32, 32, 1)
@@ -66,6 +68,31 @@ def test_init_with_equal_heads_copies_all(pretrained):
     model = build_for_mode("init", SHAPE, 2, pretrained=source, **ARCH)
     np.testing.assert_array_equal(model.get_layer("head_conv").get_weights()[0],
                                   source.get_layer("head_conv").get_weights()[0])
+
+
+def test_a_ct_head_goes_whole_into_a_liver_and_tumour_mri_head(pretrained, tmp_path):
+    _, source = pretrained
+    run_dir = write_run(tmp_path / "ct", source, "ct", depth=ARCH["depth"])
+    model = build_for_mode("freeze", SHAPE, 2, pretrained=run_dir, outputs=("liver", "tumour"), **ARCH)
+    for new, old in zip(model.get_layer("head_conv").get_weights(), source.get_layer("head_conv").get_weights()):
+        np.testing.assert_array_equal(new, old)
+    assert frozen_blocks(model) == ["encoder_1", "encoder_2"]
+
+
+def test_head_columns_follow_the_structures_the_run_config_names(tmp_path):
+    keras.utils.set_random_seed(4)
+    liver_only = build_unet((None, None, 1), 1, **ARCH)
+    run_dir = write_run(tmp_path / "liver", liver_only, "mri", depth=ARCH["depth"])
+    config = json.loads((run_dir / "config.json").read_text())
+    config["model"]["outputs"] = ["liver"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    # by channel count a one-channel head would be tumour; its config.json says liver
+    with pytest.raises(ValueError, match=re.escape("first mismatching layer 'head_conv' (the pretrained head "
+                                                   "segments liver; the new one tumour)")):
+        build_for_mode("init", SHAPE, 1, pretrained=run_dir, outputs=("tumour",), **ARCH)
+    model = build_for_mode("init", SHAPE, 1, pretrained=run_dir / "best.keras", outputs=("liver",), **ARCH)
+    np.testing.assert_array_equal(model.get_layer("head_conv").get_weights()[0],
+                                  liver_only.get_layer("head_conv").get_weights()[0])
 
 
 def test_freeze_keeps_first_blocks_bit_identical(pretrained):

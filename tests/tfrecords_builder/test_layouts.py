@@ -25,6 +25,8 @@ EXPECTED = {
     "ircadb": ("ct", [f"3Dircadb1.{i}" for i in range(1, 5)], {}),
     "dicom": ("ct", [f"case0{i}" for i in range(4)], {}),
 }
+# the structures each layout's labels hold, so its records too (label values 1.. in this order)
+OUTPUTS = {layout: ("tumour",) if layout == "fzmc" else ("liver", "tumour") for layout in EXPECTED}
 ALL_TRAIN = {"val_fraction": 0.0, "test_fraction": 0.0, "all_slices": True}
 
 
@@ -51,6 +53,8 @@ def test_each_layout_builds_its_usable_cases_and_names_the_others(built, layout)
     modality, cases, skipped = EXPECTED[layout]
     manifest = json.loads((built(layout) / "manifest.json").read_text())
     assert (manifest["name"], manifest["modality"]) == (layout, modality)
+    assert tuple(manifest["outputs"]) == OUTPUTS[layout]
+    assert set(manifest["class_stats"]["train"]["foreground_fraction"]) == set(OUTPUTS[layout])
     assert manifest["splits"]["train"]["cases"] == cases
     assert {s["case_id"]: s["reason"] for s in manifest["skipped"]} == skipped
     first = manifest["cases"][cases[0]]
@@ -68,6 +72,19 @@ def test_a_dicom_series_builds_the_records_of_its_nifti_twin(built):
     for key, twin in nifti.items():
         for field in ("image", "label", "norm_stats", "spacing", "has_tumour"):
             np.testing.assert_array_equal(dicom[key][field], twin[field], err_msg=f"{key} {field}")
+
+
+def test_atlas_records_hold_liver_and_tumour_as_1_and_2(built):
+    from kerasunet.data import load_split_examples
+    from kerasunet.synth import mri_phantom
+    from kerasunet.synth_layouts import atlas_label
+    from tests.helpers import LAYOUT_MRI
+
+    examples = list(load_split_examples(built("atlas"), "train"))
+    for e in examples:
+        truth = atlas_label(mri_phantom(int(e["case_id"][2:]), 0, LAYOUT_MRI))[:, :, e["slice_index"]]
+        np.testing.assert_array_equal(e["label"], truth)
+    assert {int(v) for e in examples for v in np.unique(e["label"])} == {0, 1, 2}
 
 
 def test_cli_detects_the_layout_of_input(layout_phantoms, tmp_path):

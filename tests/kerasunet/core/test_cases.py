@@ -126,11 +126,12 @@ def test_each_layout_loads_the_phantom_it_was_written_from(layout_phantoms, layo
     for i, case in enumerate(dataset.cases):
         truth = ct_phantom(i, 0, LAYOUT_CT) if dataset.modality == "ct" else mri_phantom(i, 0, LAYOUT_MRI)
         try:
-            image, label = load_case(case, dataset.modality)
+            image, label = load_case(case, dataset.outputs)
         except CaseError:
             continue  # the defects are checked below
         np.testing.assert_array_equal(image.data, truth.image)
-        np.testing.assert_array_equal(label, truth.label)  # project values: CT 1 liver / 2 tumour, MRI tumour 1
+        # project values: liver 1 / tumour 2 where the labels hold both (ATLAS MRI too), FZMC tumour 1
+        np.testing.assert_array_equal(label, atlas_label(truth) if layout == "atlas" else truth.label)
         assert image.spacing == tuple(np.float32(truth.grid.spacing))
         loaded += 1
     assert loaded == {"fzmc": 2, "msd": 3}.get(layout, 4)
@@ -223,8 +224,6 @@ def test_labels_are_read_by_name(layout_phantoms, tmp_path, labels):
     ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1}},
      r"dataset\.json: no liver or tumour label \(labels: background, spleen\); kerasunet reads labels named liver, "
      r"and tumour, tumor, lesion or cancer$"),
-    ({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "cancer"}},
-     r"dataset\.json: no liver label, which kerasunet's CT models segment \(liver, tumour\)$"),
     ({"channel_names": {"0": "T2", "1": "ADC"}, "labels": {"background": 0, "lesion": 1}},
      r"dataset\.json: Expected one image channel \(kerasunet models take one image\)\. Received: "
      r"channel_names=\{'0': 'T2', '1': 'ADC'\}$"),
@@ -243,10 +242,32 @@ def test_a_tumour_only_mri_dataset_keeps_the_tumour(layout_phantoms, tmp_path):
     _relabel(root, "liver_000", {2: 2})  # the liver is not drawn
     dataset = open_dataset(root)
     assert dataset.modality == "mri" and dataset.cases[0].label_map == ((2, "tumour"),)
-    _, label = load_case(dataset.cases[0], "mri")
+    assert dataset.outputs == ("tumour",)
+    _, label = load_case(dataset.cases[0], dataset.outputs)
     np.testing.assert_array_equal(label, (ct_phantom(0, 0, LAYOUT_CT).label == 2).astype(np.uint8))
     with pytest.raises(CaseError, match=r"^label values \[1\] outside the expected set \[0, 2\]$"):
         load_case(dataset.cases[1], "mri")  # this file still holds liver = 1, which dataset.json does not list
+
+
+@pytest.mark.parametrize("channel, labels, outputs", [
+    ("T1", {"background": 0, "liver": 1, "tumor": 2}, ("liver", "tumour")),  # an ATLAS-like MRI set
+    ("CT", {"background": 0, "cancer": 2}, ("tumour",)),  # a CT set without liver labels
+])
+def test_a_dataset_json_says_which_structures_the_records_hold(layout_phantoms, tmp_path, channel, labels, outputs):
+    root = _nnunet_copy(layout_phantoms, tmp_path, {"channel_names": {"0": channel}, "labels": labels})
+    if outputs == ("tumour",):
+        _relabel(root, "liver_000", {2: 2})
+    dataset = open_dataset(root)
+    assert dataset.outputs == outputs
+    _, label = load_case(dataset.cases[0], dataset.outputs)
+    truth = ct_phantom(0, 0, LAYOUT_CT).label
+    np.testing.assert_array_equal(label, truth if len(outputs) == 2 else (truth == 2).astype(np.uint8))
+
+
+def test_layouts_hold_their_structures(layout_phantoms):
+    assert open_dataset(layout_phantoms / "atlas").outputs == ("liver", "tumour")
+    assert open_dataset(layout_phantoms / "fzmc").outputs == ("tumour",)
+    assert open_dataset(layout_phantoms / "lits").outputs == ("liver", "tumour")
 
 
 def test_label_and_image_without_their_pair_are_cases_with_a_reason(layout_phantoms, tmp_path):

@@ -47,3 +47,26 @@ def test_labels_from_probabilities_numpy_and_graph_agree(outputs, expected):
                                              ("liverkyst", None), ("spleen", None), ("background", None)])
 def test_structure_of_label_names(name, structure):
     assert structure_of(name) == structure
+
+
+def test_relabel_keeps_the_structures_asked_for():
+    from kerasunet.core.labels import relabel_np
+
+    both = np.array([0, 1, 2], np.uint8)  # liver and tumour (CT, ATLAS)
+    np.testing.assert_array_equal(relabel_np(both, ("liver", "tumour"), ("tumour",)), [0, 0, 1])
+    np.testing.assert_array_equal(relabel_np(both, ("liver", "tumour"), ("liver",)), [0, 1, 1])  # liver holds tumour
+    np.testing.assert_array_equal(relabel_np(both, "ct", ("liver", "tumour")), both)
+    with pytest.raises(ValueError, match=r"^Expected outputs held by the labels \('tumour',\)\. "
+                                         r"Received: outputs=\('liver', 'tumour'\)$"):
+        relabel_np(np.array([0, 1], np.uint8), ("tumour",), ("liver", "tumour"))
+
+
+def test_shared_outputs_and_modality_names():
+    from kerasunet.core.labels import as_outputs, shared_outputs
+
+    assert as_outputs("mri") == ("tumour",) and as_outputs(["liver", "tumour"]) == ("liver", "tumour")
+    assert shared_outputs(("liver", "tumour"), ("tumour",)) == ("tumour",)
+    assert shared_outputs(("liver",), ("tumour",)) == ()
+    with pytest.raises(ValueError, match=r"^Expected structures or a modality in \('ct', 'mri'\)\. "
+                                         r"Received: outputs='pet'$"):
+        as_outputs("pet")

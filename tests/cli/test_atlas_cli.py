@@ -1,0 +1,53 @@
+"""End to end on an ATLAS-layout phantom: records, a two-output MRI run initialised from a CT
+run, its 0/1/2 masks and its liver and tumour scores."""
+
+import json
+
+import keras
+import nibabel as nib
+import numpy as np
+from click.testing import CliRunner
+
+from cli.main import main
+from tests.helpers import write_unet_run
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    return result
+
+
+def test_atlas_trains_liver_and_tumour_from_the_whole_ct_head(layout_phantoms, tmp_path):
+    atlas = layout_phantoms / "atlas"
+    invoke("build-records", "--input", atlas, "--out", tmp_path / "records", "--workers", "1",
+           "--val-fraction", "0.25", "--test-fraction", "0")
+    manifest = json.loads((tmp_path / "records" / "manifest.json").read_text())
+    assert (manifest["modality"], manifest["outputs"]) == ("mri", ["liver", "tumour"])
+
+    ct = write_unet_run(tmp_path / "ct", "ct", context=0, seed=3)
+    invoke("train", "--records", tmp_path / "records", "--out", tmp_path / "mri", "--mode", "freeze",
+           "--pretrained", ct, "--freeze-blocks", "2", "--filters", "4", "--depth", "2", "--epochs", "1",
+           "--steps-per-epoch", "2", "--batch-size", "2", "--no-augment", "--mixed-precision", "off")
+    config = json.loads((tmp_path / "mri" / "config.json").read_text())
+    assert config["model"]["outputs"] == ["liver", "tumour"] and config["data"]["modality"] == "mri"
+    mri_model = keras.saving.load_model(tmp_path / "mri" / "best.keras", compile=False)
+    ct_model = keras.saving.load_model(ct / "best.keras", compile=False)
+    assert mri_model.output_shape[-1] == 2
+    for name in ("encoder_1_conv_a", "encoder_2_conv_b"):  # frozen: still the CT weights
+        for new, old in zip(mri_model.get_layer(name).get_weights(), ct_model.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(new, old)
+
+    invoke("predict", "--model", tmp_path / "mri", "--input", atlas, "--output", tmp_path / "masks",
+           "--no-postprocess")
+    masks = sorted((tmp_path / "masks").glob("lb*.nii.gz"))
+    assert [p.name for p in masks] == [f"lb{i}.nii.gz" for i in range(4)]
+    values = set().union(*(np.unique(np.asarray(nib.load(str(p)).dataobj)).tolist() for p in masks))
+    assert values <= {0, 1, 2} and 2 in values  # liver 1, tumour 2, as the ATLAS labels
+
+    invoke("evaluate", "--model", tmp_path / "mri", "--input", atlas, "--out", tmp_path / "eval", "--overlays", "1")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["outputs"] == ["liver", "tumour"] and summary["n_cases"] == 4
+    model = next(iter(summary["models"].values()))
+    assert list(model["structures"]) == ["liver", "tumour"] and "tumour_burden" in model
+    assert "## Liver" in (tmp_path / "eval" / "report.md").read_text()
