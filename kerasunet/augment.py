@@ -70,7 +70,7 @@ def _uniform(seed, lo=0.0, hi=1.0, shape=()):
     return tf.random.stateless_uniform(shape, seed, lo, hi)
 
 
-def _maybe(seed, prob: float, fn, *args):
+def maybe(seed, prob: float, fn, *args):
     """``fn(*args)`` with probability ``prob``, else ``args`` unchanged."""
     if prob <= 0:
         return args if len(args) > 1 else args[0]
@@ -79,7 +79,7 @@ def _maybe(seed, prob: float, fn, *args):
 
 def _flip_rot90(image, target, seeds, settings):
     for axis, seed in ((0, seeds[0]), (1, seeds[1])):
-        image, target = _maybe(seed, settings.flip_prob, lambda x, y, a=axis: (tf.reverse(x, [a]), tf.reverse(y, [a])),
+        image, target = maybe(seed, settings.flip_prob, lambda x, y, a=axis: (tf.reverse(x, [a]), tf.reverse(y, [a])),
                                image, target)
     if settings.rot90:
         k = tf.random.stateless_uniform((), seeds[2], 0, 4, dtype=tf.int32)
@@ -92,7 +92,7 @@ def _flip_rot90(image, target, seeds, settings):
     return image, target
 
 
-def _affine_matrix(angle, scale, height, width):
+def affine_matrix(angle, scale, height, width):
     """Output -> input pixel map (ImageProjectiveTransform order) rotating/scaling about the centre."""
     cy, cx = (tf.cast(height, tf.float32) - 1) / 2, (tf.cast(width, tf.float32) - 1) / 2
     a0, a1 = tf.cos(angle) / scale, -tf.sin(angle) / scale
@@ -113,7 +113,7 @@ def _rotate_scale(image, target, seeds, settings):
     angle = _uniform(seeds[0], -max_angle, max_angle)
     scale = _uniform(seeds[1], *settings.scale_range)
     shape = tf.shape(image)
-    matrix = _affine_matrix(angle, scale, shape[0], shape[1])
+    matrix = affine_matrix(angle, scale, shape[0], shape[1])
     image = _transform(image, matrix, "BILINEAR", tf.reduce_min(image))
     return image, _transform(target, matrix, "NEAREST", 0.0)
 
@@ -159,16 +159,18 @@ def _gamma(image, gamma):
     return tf.pow((image - lo) / span, gamma) * span + lo
 
 
-def _intensity(image, seeds, settings):
+def intensity(image, seeds, settings):
+    """The intensity transforms (brightness, contrast, gamma, noise), each with ``intensity_prob``;
+    ``seeds`` holds 9 stateless seeds. Shared by the 2D and 3D (:mod:`kerasunet.patches`) readers."""
     p = settings.intensity_prob
     shift = _uniform(seeds[0], -settings.brightness, settings.brightness)
-    image = _maybe(seeds[1], p, lambda x: x + shift, image)
+    image = maybe(seeds[1], p, lambda x: x + shift, image)
     factor = _uniform(seeds[2], *settings.contrast_range)
-    image = _maybe(seeds[3], p, lambda x: (x - tf.reduce_mean(x)) * factor + tf.reduce_mean(x), image)
+    image = maybe(seeds[3], p, lambda x: (x - tf.reduce_mean(x)) * factor + tf.reduce_mean(x), image)
     gamma = _uniform(seeds[4], *settings.gamma_range)
-    image = _maybe(seeds[5], p, lambda x: _gamma(x, gamma), image)
+    image = maybe(seeds[5], p, lambda x: _gamma(x, gamma), image)
     std = _uniform(seeds[6], 0.0, settings.noise_std)
-    return _maybe(seeds[7], p, lambda x: x + tf.random.stateless_normal(tf.shape(x), seeds[8]) * std, image)
+    return maybe(seeds[7], p, lambda x: x + tf.random.stateless_normal(tf.shape(x), seeds[8]) * std, image)
 
 
 def augment(image, target, settings: AugmentSettings, seed):
@@ -185,8 +187,8 @@ def augment(image, target, settings: AugmentSettings, seed):
     """
     seeds = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), 20))
     image, target = _flip_rot90(image, target, seeds[0:3], settings)
-    image, target = _maybe(seeds[3], settings.affine_prob,
+    image, target = maybe(seeds[3], settings.affine_prob,
                            lambda x, y: _rotate_scale(x, y, seeds[4:6], settings), image, target)
-    image, target = _maybe(seeds[6], settings.elastic_prob,
+    image, target = maybe(seeds[6], settings.elastic_prob,
                            lambda x, y: _elastic(x, y, seeds[7:8], settings), image, target)
-    return _intensity(image, seeds[8:17], settings), target
+    return intensity(image, seeds[8:17], settings), target

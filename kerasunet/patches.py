@@ -36,7 +36,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from kerasunet.augment import AugmentSettings, _affine_matrix, _intensity, _maybe
+from kerasunet.augment import AugmentSettings, affine_matrix, intensity, maybe
 from kerasunet.core.preprocessing import normalize
 from kerasunet.data import AUTOTUNE, RecordsError, _records, read_manifest
 from tfrecords_builder.features import decode_volume, parse_volume
@@ -232,7 +232,7 @@ def rotate_in_plane(image, label, seeds, settings: AugmentSettings):
     angle = tf.random.stateless_uniform((), seeds[0], -max_angle, max_angle)
     scale = tf.random.stateless_uniform((), seeds[1], *settings.scale_range)
     shape = tf.shape(image)
-    matrix = _affine_matrix(angle, scale, shape[1], shape[2])
+    matrix = affine_matrix(angle, scale, shape[1], shape[2])
 
     def transform(x, interpolation, fill):  # the slices are the op's batch
         out = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=matrix, output_shape=shape[1:3],
@@ -258,11 +258,11 @@ def augment_patch(image, label, settings: AugmentSettings, seed):
     """
     seeds = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), 16))
     for axis in range(3):
-        image, label = _maybe(seeds[axis], settings.flip_prob,
+        image, label = maybe(seeds[axis], settings.flip_prob,
                               lambda x, y, a=axis: (tf.reverse(x, [a]), tf.reverse(y, [a])), image, label)
-    image, label = _maybe(seeds[3], settings.affine_prob,
+    image, label = maybe(seeds[3], settings.affine_prob,
                           lambda x, y: rotate_in_plane(x, y, seeds[4:6], settings), image, label)
-    return _intensity(image, seeds[6:15], settings), label
+    return intensity(image, seeds[6:15], settings), label
 
 
 def load_split_volumes(records_dir, split: str):

@@ -68,7 +68,7 @@ from kerasunet.core.cases import load_image, mask_path, open_dataset
 from kerasunet.core.dicom import holds_dicom
 from kerasunet.core.nifti import Volume, VolumeError, is_nifti, save_like, strip_nifti_suffix
 from kerasunet.postprocess import PostprocessSettings, postprocess
-from kerasunet.core.preprocessing import case_stats, normalize_np
+from kerasunet.core.preprocessing import case_stats, normalize_np, resample, resampled_shape
 from kerasunet.core.runs import RunError, RunInfo, load_model, resolve_run
 from kerasunet.core.stacking import stack_slices
 from kerasunet.sliding_window import OVERLAP, sliding_window_predict
@@ -323,8 +323,6 @@ def segment_volume_3d(predict_raw: Callable[[np.ndarray, np.ndarray], np.ndarray
     grid = raw.shape
     resampled = model_spacing is not None and not np.allclose(spacing, model_spacing, rtol=1e-3)
     if resampled:
-        from tfrecords_builder.volumes import resample, resampled_shape
-
         raw = resample(raw, resampled_shape(grid, spacing, model_spacing), order=1)
     probs = sliding_window_predict(lambda batch: predict_raw(batch, stats), raw[..., None], patch_size,
                                    OVERLAP, batch_size or settings.patch_batch_size,

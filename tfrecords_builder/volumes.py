@@ -44,7 +44,7 @@ import numpy as np
 
 from kerasunet.core.cases import CaseError, case_entry, load_case
 from kerasunet.core.labels import STRUCTURES, label_values
-from kerasunet.core.preprocessing import case_stats
+from kerasunet.core.preprocessing import case_stats, resample, resampled_shape
 from tfrecords_builder.features import VOLUME_FEATURES, VOLUME_POINTS, volume_example
 from tfrecords_builder.ingest import CaseTask
 
@@ -109,13 +109,6 @@ def crop_box(liver: np.ndarray | None, spacing, margin_mm: float, shape) -> tupl
     return start, stop
 
 
-def resampled_shape(shape, spacing, target) -> list[int]:
-    """The size per axis after resampling from ``spacing`` to ``target`` (at least 1)."""
-    if target is None:
-        return [int(n) for n in shape]
-    return [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target)]
-
-
 def inspect_volume(margin_mm: float, target_spacing, task: CaseTask) -> dict:
     """Worker step 1: validates a case and plans its crop; returns JSON-ready facts.
 
@@ -153,16 +146,6 @@ def inspect_volume(margin_mm: float, target_spacing, task: CaseTask) -> dict:
         "tumour_voxels": int(tumour.sum()),
         "tumour_slices": int(tumour.any(axis=(0, 1)).sum()),
     }
-
-
-def resample(volume: np.ndarray, shape, order: int) -> np.ndarray:
-    """``volume`` resampled to ``shape`` (voxel extents aligned: scipy's ``grid_mode``)."""
-    from scipy import ndimage
-
-    if list(volume.shape) == list(shape):
-        return volume
-    zoom = [t / n for t, n in zip(shape, volume.shape)]
-    return ndimage.zoom(volume, zoom, order=order, mode="nearest", grid_mode=True)
 
 
 def sample_points(mask: np.ndarray | None, seed: int) -> tuple[np.ndarray, int]:

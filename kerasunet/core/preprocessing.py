@@ -101,3 +101,20 @@ def normalize_np(x: np.ndarray, stats: np.ndarray) -> np.ndarray:
     """NumPy twin of :func:`normalize` for a single stats vector (predict's host-side path)."""
     lo, hi, mean, std = (float(s) for s in stats)
     return ((np.clip(x, lo, hi) - mean) / std).astype(np.float32)
+
+
+def resampled_shape(shape, spacing, target) -> list[int]:
+    """The size per axis after resampling from ``spacing`` to ``target`` (at least 1)."""
+    if target is None:
+        return [int(n) for n in shape]
+    return [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target)]
+
+
+def resample(volume: np.ndarray, shape, order: int) -> np.ndarray:
+    """``volume`` resampled to ``shape`` (voxel extents aligned: scipy's ``grid_mode``)."""
+    from scipy import ndimage
+
+    if list(volume.shape) == list(shape):
+        return volume
+    zoom = [t / n for t, n in zip(shape, volume.shape)]
+    return ndimage.zoom(volume, zoom, order=order, mode="nearest", grid_mode=True)
