@@ -606,20 +606,12 @@ def _report_text(table, repeats, runs, results, ct, ct_eval, mri_evals, historie
               "## Test metrics, MRI tumour", "",
               f"Held-out MRI cases ({mri_evals[0]['n_cases']}: {', '.join(mri_evals[0]['cases'])}); "
               "each cell is the mean ± std over repeats of the per-run value.", "",
-              "| model | " + " | ".join(name for _, name in TABLE_METRICS) + " |",
-              "|---" * (len(TABLE_METRICS) + 1) + "|"]
-    for label, metrics in results.items():
-        lines.append(f"| {label} | " + " | ".join(_pm(metrics[key]) for key, _ in TABLE_METRICS) + " |")
-    lines += ["", f"`{BASELINE}` predicts no tumour anywhere: the floor the models must beat.", ""]
+              *_model_table(results),
+              "", f"`{BASELINE}` predicts no tumour anywhere: the floor the models must beat.", ""]
     for structure, structure_results in (others or {}).items():
         lines += [f"## Test metrics, MRI {structure}", "",
                   f"The MRI set's labels hold {structure} too, so its models segment it (two outputs, and "
-                  "B and C start from the whole CT head).", "",
-                  "| model | " + " | ".join(name for _, name in TABLE_METRICS) + " |",
-                  "|---" * (len(TABLE_METRICS) + 1) + "|"]
-        for label, metrics in structure_results.items():
-            lines.append(f"| {label} | " + " | ".join(_pm(metrics[key]) for key, _ in TABLE_METRICS) + " |")
-        lines.append("")
+                  "B and C start from the whole CT head).", "", *_model_table(structure_results), ""]
     lines += ["## CT model (pretraining), held-out CT", "",
               "| structure | " + " | ".join(name for _, name in TABLE_METRICS) + " |",
               "|---" * (len(TABLE_METRICS) + 1) + "|"]
@@ -633,6 +625,14 @@ def _report_text(table, repeats, runs, results, ct, ct_eval, mri_evals, historie
     lines += ["", "Per-case metrics: `eval/*/metrics.csv`; runs: `runs/*/` (history.csv, timing.csv, "
               "learning_curves.png, config.json).", ""]
     return "\n".join(lines)
+
+
+def _model_table(results: dict) -> list[str]:
+    """A markdown table: one row per model, a mean ± std cell per ``TABLE_METRICS`` entry."""
+    lines = ["| model | " + " | ".join(name for _, name in TABLE_METRICS) + " |",
+             "|---" * (len(TABLE_METRICS) + 1) + "|"]
+    return lines + [f"| {label} | " + " | ".join(_pm(metrics[key]) for key, _ in TABLE_METRICS) + " |"
+                    for label, metrics in results.items()]
 
 
 def _timing_table(runs: list[Run], out: Path) -> str:
