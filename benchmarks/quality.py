@@ -152,14 +152,15 @@ def train_kerasunet(records: Path, out: Path, size: int, filters: int, cpu_budge
 # --- scoring ------------------------------------------------------------------------------------
 
 def segment(model, info, cases):
-    """``[(case_id, volume, truth, labels, probabilities)]`` for the held-out cases."""
+    """``[(case_id, volume, truth, labels, probabilities)]`` for the held-out cases, without any
+    lesion filter (not even a cascade run's own)."""
     from kerasunet.core.cases import load_case
-    from kerasunet.predict import predict_volume
+    from kerasunet.predict import PredictSettings, predict_volume
 
     out = []
     for case in cases:
         volume, truth = load_case(case, "ct")
-        labels, probs = predict_volume(model, info, volume)
+        labels, probs = predict_volume(model, info, volume, PredictSettings(run_lesion_filter=False))
         out.append((case.case_id, volume, truth, labels, probs))
     return out
 
@@ -178,19 +179,13 @@ def scores(predictions, labels_of=lambda p: p[3]) -> dict:
 
 
 def lesion_filter_effect(model, info, records: Path, predictions, path: Path) -> dict:
-    """Thresholds fitted on the validation cases' lesions, applied to the held-out predictions and
+    """Thresholds fitted on the validation cases' lesions (:func:`kerasunet.lesion_filter.fit_on_cases`,
+    as ``train --stage tumour`` fits a cascade's own), applied to the held-out predictions and
     written to ``path`` (a ``--lesion-filter`` file for ``predict`` and ``evaluate``)."""
-    from kerasunet.core.cases import case_from_entry
-    from kerasunet.data import read_manifest
-    from kerasunet.lesion_filter import case_candidates, filter_lesions, fit_lesion_filter, write_lesion_filter
+    from kerasunet.evaluate import manifest_cases
+    from kerasunet.lesion_filter import filter_lesions, fit_on_cases, write_lesion_filter
 
-    manifest = read_manifest(records)
-    val = [case_from_entry(c, manifest["cases"][c]) for c in manifest["splits"]["val"]["cases"]]
-    candidates, n_truth = [], 0
-    for case_id, volume, truth, labels, probs in segment(model, info, val):
-        found, n = case_candidates(labels, probs[..., 1], volume.data, volume.spacing, truth, case_id)
-        candidates, n_truth = candidates + found, n_truth + n
-    thresholds = fit_lesion_filter(candidates, n_truth)
+    thresholds, candidates, n_truth = fit_on_cases(model, info, manifest_cases(records, "val")[1])
     write_lesion_filter(path, thresholds)
     filtered = [filter_lesions(p[3], p[4][..., 1], p[1].data, p[1].spacing, thresholds) for p in predictions]
     after = scores([(*p, f) for p, f in zip(predictions, filtered)], labels_of=lambda p: p[5])

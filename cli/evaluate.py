@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from cli.predict import lesion_filter_option, postprocess_options, postprocess_settings
+from cli.predict import lesion_filter_options, postprocess_options, postprocess_settings
 from kerasunet.core.labels import check_outputs
 from kerasunet.core.preprocessing import MODALITIES
 from kerasunet.evaluate import EvaluateError, EvaluateSettings, evaluate as run_evaluation, name_models
@@ -73,8 +73,8 @@ def evaluate(ctx, models, pred_dir, truth_dir, modality, structures, convention,
         raise click.UsageError("give --records DIR (a records folder) or --input DIR (volumes with labels)")
     if input_dir is not None and ctx.get_parameter_source("split") is not ParameterSource.DEFAULT:
         raise click.UsageError("--split applies to --records only")
-    lesion_filter = lesion_filter_option(postprocess.pop("lesion_filter"))
-    predict = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold, lesion_filter=lesion_filter,
+    lesion_filter = lesion_filter_options(postprocess)
+    predict = PredictSettings(batch_size=batch_size, tta=tta, threshold=threshold, **lesion_filter,
                               postprocess=postprocess_settings(**postprocess), phase=phase, layout=layout,
                               series=series)
     settings = EvaluateSettings(predict=predict, n_overlays=n_overlays, split=split, convention=convention)

@@ -29,7 +29,9 @@ def postprocess_options(command):
                      show_default=True, help="CT: the margin around the liver for --tumour-in-liver, in mm."),
         click.option("--lesion-filter", type=click.Path(path_type=Path), default=None,
                      help="JSON thresholds on per-lesion features (kerasunet.lesion_filter); lesions failing "
-                          "them are dropped after post-processing."),
+                          "them are dropped after post-processing [a cascade run: its own lesion_filter.json]."),
+        click.option("--no-lesion-filter", is_flag=True,
+                     help="Keep every lesion: do not apply a cascade run's own lesion_filter.json."),
         click.option("--min-tumour-voxels", type=click.IntRange(min=0), default=_DEFAULTS.min_tumour_voxels,
                      show_default=True, help="Drop tumour components smaller than this (0 keeps all)."),
     ]
@@ -38,14 +40,23 @@ def postprocess_options(command):
     return command
 
 
-def lesion_filter_option(path):
-    """The ``--lesion-filter`` thresholds (None without the option); a bad file is a one-line error."""
+def lesion_filter_options(postprocess: dict) -> dict:
+    """``PredictSettings`` fields of ``--lesion-filter``/``--no-lesion-filter`` (popped from
+    ``postprocess``): the file's thresholds (None without it) and whether a run's own apply.
+
+    Raises:
+        click.UsageError: both options.
+        click.ClickException: a bad file, in one line.
+    """
+    path, off = postprocess.pop("lesion_filter"), postprocess.pop("no_lesion_filter")
+    if path is not None and off:
+        raise click.UsageError("--lesion-filter and --no-lesion-filter are mutually exclusive")
     if path is None:
-        return None
+        return {"lesion_filter": None, "run_lesion_filter": not off}
     from kerasunet.lesion_filter import read_lesion_filter
 
     try:
-        return read_lesion_filter(path)
+        return {"lesion_filter": read_lesion_filter(path), "run_lesion_filter": True}
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -103,8 +114,8 @@ def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tu
                    "--format onnx`, or a folder holding one, run by onnxruntime without TensorFlow; faster on CPU).")
 @click.pass_context
 def predict(ctx, model_path, server, model_name, model_version, model_label, grpc_max_message_mb, input_path,
-            output_path, batch_size, patch_batch_size, tta, threshold, probabilities, phase, layout, series, timeout, engine,
-            output_format, **postprocess):
+            output_path, batch_size, patch_batch_size, tta, threshold, probabilities, phase, layout, series, timeout,
+            engine, output_format, **postprocess):
     """Segment volumes; masks keep the input's own affine, shape and orientation.
 
     Post-processing (default on; after Chlebus et al. 2018): CT keeps the largest 3D liver
@@ -117,9 +128,9 @@ def predict(ctx, model_path, server, model_name, model_version, model_label, grp
     """
     _check_source(ctx, model_path, server, model_name, model_version, tta)
     _check_server_options(server, model_version, model_label, grpc_max_message_mb)
-    lesion_filter = lesion_filter_option(postprocess.pop("lesion_filter"))
+    lesion_filter = lesion_filter_options(postprocess)
     settings = PredictSettings(batch_size=batch_size, patch_batch_size=patch_batch_size, tta=tta, threshold=threshold,
-                               postprocess=postprocess_settings(**postprocess), lesion_filter=lesion_filter,
+                               postprocess=postprocess_settings(**postprocess), **lesion_filter,
                                save_probabilities=probabilities, phase=phase, layout=layout, series=series,
                                engine=engine, output_format=output_format)
     try:

@@ -47,7 +47,7 @@ from kerasunet.lits_scoring import (convention_note, csv_rows, finite_or_none, f
                                     score_volume, summarize_cases, summary_outputs)
 from kerasunet.core.cases import MISSING_LABEL, CaseError, CaseFiles, case_from_entry, load_case, open_dataset
 from kerasunet.lesion_filter import report_section as lesion_filter_section
-from kerasunet.predict import PredictSettings, final_labels, load_predictor, predict_volume
+from kerasunet.predict import PredictSettings, applied_lesion_filter, final_labels, load_predictor, predict_volume
 from kerasunet.core.labels import relabel_np, shared_outputs
 from kerasunet.core.preprocessing import case_stats, normalize_np
 from kerasunet.core.records_format import MANIFEST_FILE
@@ -200,7 +200,8 @@ def evaluate(models: dict[str, str | Path], data, out_dir, settings: EvaluateSet
         "n_cases": len(scores.evaluated), "cases": scores.evaluated, "skipped": skipped + scores.skipped,
         "settings": asdict(settings),
         "models": {name: {"path": str(models[name]), **summarize[name],
-                          **({"before_lesion_filter": summarize_cases(scores.unfiltered[name], outputs, convention)}
+                          **({"before_lesion_filter": summarize_cases(scores.unfiltered[name], outputs, convention),
+                              "lesion_filter": applied_lesion_filter(*predictors[name], settings.predict).to_dict()}
                              if name in scores.unfiltered else {})} for name in predictors},
         "baselines": {BASELINE: summarize[BASELINE]},
         "overlays": [str(p.relative_to(out_dir)) for p in scores.overlays],
@@ -273,7 +274,7 @@ def score_cases(predictors: dict[str, tuple], cases: list[CaseFiles], outputs, s
             predictions[name] = relabel_np(labels, info.mask_outputs, outputs)
             metrics = score_volume(predictions[name], truth, volume, outputs, convention)
             scores.per_case[name].append(metrics)
-            if settings.predict.lesion_filter is not None:  # the same prediction without it, for the report
+            if applied_lesion_filter(net, info, settings.predict) is not None:  # without it, for the report
                 unfiltered = final_labels(probs, info.mask_outputs, volume.spacing,
                                           replace(settings.predict, lesion_filter=None), volume.data)
                 scores.unfiltered.setdefault(name, []).append(

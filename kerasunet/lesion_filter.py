@@ -27,8 +27,12 @@ else background.
 
 In ``predict``/``evaluate`` the filter runs after the post-processing when given
 ``--lesion-filter FILE``: a JSON object of the four thresholds (:func:`read_lesion_filter`),
-as :func:`fit_lesion_filter` chooses them on validation cases (``benchmarks/quality.py``
-writes one) or as a user sets them.
+as :func:`fit_lesion_filter` chooses them on validation cases (:func:`fit_on_cases`, which
+``benchmarks/quality.py`` and the cascade's training use) or as a user sets them. A
+cascade's second stage fits its own at the end of training
+(:func:`kerasunet.cascade.fit_run_lesion_filter`, the run folder's ``lesion_filter.json``)
+and predict/evaluate apply it unless given ``--lesion-filter FILE`` or
+``--no-lesion-filter``.
 """
 
 from __future__ import annotations
@@ -255,6 +259,47 @@ def fit_lesion_filter(candidates: list[Candidate], n_truth: int, max_recall_loss
     return best
 
 
+def fit_on_cases(model, info, cases, settings=None, max_recall_loss: float = 0.0,
+                 progress=lambda line: None) -> tuple[LesionFilter, list[Candidate], int]:
+    """Thresholds fitted on a model's predicted lesions of labelled cases (validation cases).
+
+    Each case is segmented as ``predict`` segments it (:func:`kerasunet.predict.predict_volume`,
+    without any lesion filter), its lesions matched to the true ones (:func:`case_candidates`)
+    and the thresholds chosen over all of them (:func:`fit_lesion_filter`). A case that
+    cannot be read is skipped with one progress line.
+
+    Args:
+        model, info: :func:`kerasunet.predict.load_predictor`'s model and run.
+        cases: ``kerasunet.core.cases.CaseFiles`` with labels.
+        settings: the ``PredictSettings`` to segment with (default ``PredictSettings()``).
+        max_recall_loss: as :func:`fit_lesion_filter`.
+        progress: receives a line per skipped case.
+
+    Returns:
+        ``(thresholds, candidates, n_truth)``: the thresholds, the predicted lesions they
+        were fitted on and the true lesions in all.
+    """
+    from dataclasses import replace
+
+    from kerasunet.core.cases import CaseError, load_case
+    from kerasunet.predict import PredictSettings, predict_volume
+
+    settings = replace(settings or PredictSettings(), lesion_filter=None, run_lesion_filter=False)
+    outputs = info.mask_outputs
+    candidates, n_truth = [], 0
+    for case in cases:
+        try:
+            volume, truth = load_case(case, outputs)
+        except CaseError as exc:
+            progress(f"lesion filter: {case.case_id} skipped: {exc}")
+            continue
+        labels, probs = predict_volume(model, info, volume, settings)
+        found, n = case_candidates(labels, probs[..., list(outputs).index("tumour")], volume.data, volume.spacing,
+                                   truth, case.case_id, outputs)
+        candidates, n_truth = candidates + found, n_truth + n
+    return fit_lesion_filter(candidates, n_truth, max_recall_loss), candidates, n_truth
+
+
 def read_lesion_filter(path) -> LesionFilter:
     """The thresholds of a ``--lesion-filter`` JSON file (an object of :data:`FEATURES`; missing ones 0).
 
@@ -286,15 +331,17 @@ def write_lesion_filter(path, thresholds: LesionFilter) -> None:
 def report_section(summary: dict) -> list[str]:
     """``evaluate``'s report lines comparing each model before and after the lesion filter.
 
-    Reads ``summary["models"][name]["before_lesion_filter"]`` (written when ``evaluate`` ran
-    with ``--lesion-filter``); no lines when there is none or no tumour was scored.
+    Reads ``summary["models"][name]["before_lesion_filter"]`` (written when ``evaluate``
+    applied a filter: ``--lesion-filter``, or a cascade run's own) and the thresholds of
+    each model's ``lesion_filter``; no lines when there is none or no tumour was scored.
     """
-    rows = []
+    rows, thresholds = [], {}
     for name, model in summary["models"].items():
         before = (model.get("before_lesion_filter") or {}).get("structures", {}).get("tumour")
         after = model.get("structures", {}).get("tumour")
         if before is None or after is None:
             continue
+        thresholds[name] = model.get("lesion_filter") or summary["settings"]["predict"].get("lesion_filter")
         for label, s in (("before", before), ("after", after)):
             cells = [s.get("pred_lesions"), s.get("lesion_precision"), s.get("lesion_recall"), s.get("dice_per_case")]
             rows.append(f"| {name} | {label} | " + " | ".join("–" if v is None else
@@ -302,7 +349,10 @@ def report_section(summary: dict) -> list[str]:
                                                                for v in cells) + " |")
     if not rows:
         return []
-    thresholds = summary["settings"]["predict"].get("lesion_filter")
-    return ["", "## Lesion filter", "", f"Thresholds: `{thresholds}` (kerasunet.lesion_filter).", "",
+    if len({str(value) for value in thresholds.values()}) == 1:  # one filter for every model
+        lines = [f"Thresholds: `{next(iter(thresholds.values()))}` (kerasunet.lesion_filter)."]
+    else:
+        lines = [f"Thresholds of {name}: `{value}` (kerasunet.lesion_filter)." for name, value in thresholds.items()]
+    return ["", "## Lesion filter", "", *lines, "",
             "| model | lesion filter | predicted lesions | lesion precision | lesion recall | tumour Dice/case |",
             "|---|---|---|---|---|---|", *rows]

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -98,7 +98,10 @@ class PredictSettings:
         patch_batch_size: sliding windows per model call (3D models; with a server, per
             request); bounds the memory the network needs.
         lesion_filter: thresholds on per-lesion features (``kerasunet.lesion_filter``,
-            ``--lesion-filter FILE``) applied after the post-processing; None keeps all lesions.
+            ``--lesion-filter FILE``) applied after the post-processing; None: the run's own
+            (below), else every lesion is kept.
+        run_lesion_filter: apply a cascade run's own thresholds (its ``lesion_filter.json``)
+            when ``lesion_filter`` is None; False (``--no-lesion-filter``) keeps every lesion.
         output_format: ``nifti`` masks, or ``dicom-seg``: a DICOM Segmentation per DICOM
             series input (``kerasunet.dicom_seg``; the mask's path with ``.dcm``).
     """
@@ -114,6 +117,7 @@ class PredictSettings:
     engine: str = "keras"
     patch_batch_size: int = 2
     lesion_filter: object = None  # a kerasunet.lesion_filter.LesionFilter, or None
+    run_lesion_filter: bool = True
     output_format: str = "nifti"
 
     def __post_init__(self):
@@ -253,9 +257,19 @@ def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettin
     if info.cascade:  # ``model`` is load_predictor's CascadeModel
         from kerasunet.cascade import predict_cascade
 
-        return predict_cascade(model, volume, settings)
+        applied = applied_lesion_filter(model, info, settings)
+        return predict_cascade(model, volume, replace(settings, lesion_filter=applied))
     probs = volume_probabilities(model, info, volume, settings)
     return final_labels(probs, info.outputs, volume.spacing, settings, volume.data), probs
+
+
+def applied_lesion_filter(model, info: RunInfo, settings: PredictSettings):
+    """The lesion filter :func:`predict_volume` applies with ``model``: ``settings.lesion_filter``,
+    else a cascade's own (``CascadeModel.lesion_filter``) unless ``settings.run_lesion_filter``
+    is False; None keeps every lesion."""
+    if settings.lesion_filter is not None or not (info.cascade and settings.run_lesion_filter):
+        return settings.lesion_filter
+    return model.lesion_filter
 
 
 def volume_probabilities(model, info: RunInfo, volume: Volume, settings: PredictSettings) -> np.ndarray:

@@ -54,7 +54,10 @@ the liver ROIs of the slice records, resized to ``--roi-size``, with one output 
 records' liver-and-tumour labels give its targets). The ROI is each case's liver box plus
 ``--roi-margin-mm``, jittered in training; slices outside its z range are dropped. The
 liver model is checked (a 2D run that outputs liver, of the records' modality) before
-anything is built, and config.json records it under ``cascade``.
+anything is built, and config.json records it under ``cascade``. After the last epoch the
+cascade (stage 1's liver boxes, best.keras) segments the validation cases and the lesion
+filter fitted on their lesions is written to ``lesion_filter.json``
+(:func:`kerasunet.cascade.fit_run_lesion_filter`); predict and evaluate apply it by default.
 
 In multi-worker runs only the chief (task ``chief``, else ``worker`` 0) writes ``--out``;
 the other workers write their checkpoints and logs to a temporary folder deleted at the
@@ -518,6 +521,10 @@ def run(settings: TrainSettings, strategy, manifest: dict, manifest_sha: str, ru
         end_epoch(settings, state, writer, row, time.perf_counter() - start, inputs.val is not None, progress)
         manager.save()  # last, so a checkpoint never runs ahead of the files above
     writer.plot_curves()
+    if settings.stage == "tumour" and write_dir == run_dir:  # the chief: the cascade's own lesion filter
+        from kerasunet.cascade import fit_run_lesion_filter
+
+        fit_run_lesion_filter(run_dir, settings.records, progress)
     return FitResult(run_dir=run_dir, model=state.model, history=writer.history)
 
 

@@ -9,6 +9,9 @@ A run folder ``RUN_DIR`` holds::
     learning_curves.png train/validation loss and Dice per epoch
     checkpoints/        resumable state (model + optimiser), written atomically each epoch
     logs/               TensorBoard
+    lesion_filter.json  a cascade's second stage only: lesion-filter thresholds fitted on its
+                        validation cases (kerasunet.lesion_filter; absent without validation
+                        cases or predicted lesions); predict/evaluate apply them by default
 
 ``config.json`` keys used outside training::
 
@@ -65,6 +68,7 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
 TIMING_FILE = "timing.csv"
 CURVES_FILE = "learning_curves.png"
+LESION_FILTER_FILE = "lesion_filter.json"
 
 
 class RunError(ValueError):

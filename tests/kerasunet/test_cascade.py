@@ -259,6 +259,10 @@ def test_train_stage_tumour_writes_a_cascade_run_that_predicts_0_1_2(roi_records
     config = json.loads((tmp_path / "tumour" / "config.json").read_text())
     assert config["model"]["outputs"] == ["tumour"] and config["model"]["num_outputs"] == 1
     assert config["cascade"] == {"liver_model": str(liver.resolve()), "roi_size": [16, 16], "margin_mm": MARGIN_MM}
+    # the lesion filter was fitted on the validation case: written, or one line says why not
+    fitted = [line for line in result.output.splitlines() if line.startswith("lesion filter: ")]
+    assert len(fitted) == 1 and "1 validation case(s)" in fitted[0], result.output
+    assert (tmp_path / "tumour" / "lesion_filter.json").exists() == fitted[0].endswith("lesion_filter.json")
     result = invoke("predict", "--model", tmp_path / "tumour", "--input", roi_records / "lits" / "volume-1.nii",
                     "--output", tmp_path / "mask.nii.gz")
     assert result.exit_code == 0, result.output
@@ -317,3 +321,116 @@ def test_stage_2_examples_are_the_cases_liver_box_not_the_slices(tmp_path):
     expected = expected_ct_labels(hu)[4:24, 2:22, 2:10]
     np.testing.assert_array_equal(labels, np.moveaxis(expected, 2, 0))
     assert images.shape == (8, 20, 20, 1)
+
+
+# --- the cascade's own lesion filter ----------------------------------------------------------
+#
+# The exact cascade on two cases whose labels call a small hot spot (12 voxels, 200 HU) liver:
+# the cascade finds it as a tumour, a false positive next to the true tumour (32 voxels), so
+# the filter fitted on the validation case keeps lesions above a volume between the two.
+
+FALSE_POSITIVE = (slice(16, 19), slice(14, 16), slice(2, 4))
+
+
+def false_positive_volume():
+    hu = liver_volume()
+    hu[28:31, 27:30, 2:4] = -500.0  # no far organ: every true lesion is in the liver
+    hu[FALSE_POSITIVE] = 200.0
+    return hu
+
+
+@pytest.fixture(scope="module")
+def filtered_cascade(tmp_path_factory):
+    """``(root, run, lines)``: records of two such cases (one validates), the exact cascade, and
+    the progress lines of fitting its lesion filter."""
+    from kerasunet.cascade import fit_run_lesion_filter
+    from tests.helpers import build_settings, expected_ct_labels
+    from tfrecords_builder.build import build_records
+
+    root = tmp_path_factory.mktemp("filtered_cascade")
+    (root / "lits").mkdir()
+    hu = false_positive_volume()
+    truth = expected_ct_labels(hu)
+    truth[FALSE_POSITIVE] = 1  # not a tumour
+    for i in range(2):
+        save(root / "lits" / f"volume-{i}.nii", hu)
+        save(root / "lits" / f"segmentation-{i}.nii", truth.astype(np.float32))
+    build_records(build_settings(root / "lits", root / "records", val_fraction=0.5, test_fraction=0.0))
+    run = write_cascade(root, (24, 25))
+    lines = []
+    fit_run_lesion_filter(run, root / "records", lines.append)
+    return root, run, lines
+
+
+def test_fitted_filter_is_written_to_the_run_and_drops_the_false_positive_by_default(filtered_cascade, tmp_path):
+    import json
+
+    import nibabel as nib
+
+    root, run, lines = filtered_cascade
+    assert len(lines) == 1 and "2 predicted lesion(s) of 1 validation case(s)" in lines[0], lines
+    thresholds = json.loads((run / "lesion_filter.json").read_text())
+    voxel_mm3 = float(np.prod(SPACING))
+    assert 12 * voxel_mm3 < thresholds["volume_mm3"] < 32 * voxel_mm3
+    masks = {}
+    for name, extra in (("default", ()), ("off", ("--no-lesion-filter",))):
+        result = invoke("predict", "--model", run, "--input", root / "lits" / "volume-0.nii",
+                        "--output", tmp_path / f"{name}.nii.gz", *extra)
+        assert result.exit_code == 0, result.output
+        masks[name] = np.asarray(nib.load(str(tmp_path / f"{name}.nii.gz")).dataobj)
+    assert (masks["off"][FALSE_POSITIVE] == 2).all() and (masks["default"][FALSE_POSITIVE] == 1).all()
+    assert (masks["default"][10:14, 9:13, 3:5] == 2).all()  # the true tumour stays
+    np.testing.assert_array_equal(masks["default"] >= 1, masks["off"] >= 1)
+
+
+def test_no_validation_cases_write_no_filter_and_remove_an_old_one(filtered_cascade, tmp_path):
+    import shutil
+
+    from kerasunet.cascade import cascade_export_fields, fit_run_lesion_filter, load_cascade
+    from kerasunet.core.runs import resolve_run
+
+    root, run, _ = filtered_cascade
+    copy = shutil.copytree(run, tmp_path / "run")
+    fields = cascade_export_fields("c", load_cascade(resolve_run(copy)))  # export.json carries the thresholds
+    assert fields["cascade"]["lesion_filter"] == load_cascade(resolve_run(run)).lesion_filter.to_dict()
+    lines = []
+    assert fit_run_lesion_filter(copy, tmp_path / "no-records", lines.append) is None
+    assert len(lines) == 1 and "no validation cases" in lines[0] and "not written" in lines[0]
+    assert not (copy / "lesion_filter.json").exists() and load_cascade(resolve_run(copy)).lesion_filter is None
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_a_bad_lesion_filter_file_is_one_line(filtered_cascade, tmp_path, own):
+    import re
+    import shutil
+
+    root, run, _ = filtered_cascade
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"volume_mm3": -1}')
+    if own:  # the run's own file is bad: a copy of the run holds it
+        run = shutil.copytree(run, tmp_path / "run")
+        shutil.copy(bad, run / "lesion_filter.json")
+        bad = run / "lesion_filter.json"
+    result = invoke("predict", "--model", run, "--input", root / "lits" / "volume-0.nii", "--output",
+                    tmp_path / "m.nii.gz", *(() if own else ("--lesion-filter", bad)))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and re.search(rf"^Error: {re.escape(str(bad))}: Expected a finite volume_mm3 >= 0",
+                                         lines[0]), result.output
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_evaluate_of_a_cascade_reports_its_own_filter_before_and_after(filtered_cascade, tmp_path):
+    import json
+
+    root, run, _ = filtered_cascade
+    result = invoke("evaluate", "--model", run, "--input", root / "lits", "--out", tmp_path / "report",
+                    "--overlays", 0)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    model = summary["models"]["tumour"]
+    assert model["lesion_filter"] == json.loads((run / "lesion_filter.json").read_text())
+    assert model["before_lesion_filter"]["structures"]["tumour"]["pred_lesions"] == 4
+    assert model["structures"]["tumour"]["pred_lesions"] == 2
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Lesion filter" in report and f"`{model['lesion_filter']}`" in report
