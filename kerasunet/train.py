@@ -523,8 +523,13 @@ def run(settings: TrainSettings, strategy, manifest: dict, manifest_sha: str, ru
     writer.plot_curves()
     if settings.stage == "tumour" and write_dir == run_dir:  # the chief: the cascade's own lesion filter
         from kerasunet.cascade import fit_run_lesion_filter
+        from kerasunet.core.nifti import VolumeError
+        from kerasunet.core.runs import RunError
 
-        fit_run_lesion_filter(run_dir, settings.records, progress)
+        try:
+            fit_run_lesion_filter(run_dir, settings.records, progress)
+        except (RunError, VolumeError) as exc:  # e.g. the stage-1 run or a source volume moved meanwhile
+            raise TrainError(f"{run_dir}: trained, but its lesion filter could not be fitted: {exc}") from None
     return FitResult(run_dir=run_dir, model=state.model, history=writer.history)
 
 

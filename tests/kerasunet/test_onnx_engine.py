@@ -136,7 +136,7 @@ def test_export_of_a_3d_model_writes_nothing(tmp_path):
     run = tmp_path / "run3d"
     run.mkdir()
     build_unet((None, None, None, 1), 1, filters=2, depth=1, dims=3).save(run / "best.keras")
-    config = {"model": {"input_channels": 1, "num_outputs": 1, "depth": 1},
+    config = {"model": {"input_channels": 1, "num_outputs": 1, "depth": 1, "dims": 3, "patch_size": [8, 8, 8]},
               "data": {"modality": "mri", "context": 0, "norm": {}}}
     (run / "config.json").write_text(json.dumps(config))
     out = tmp_path / "saved" / "liver3d"
