@@ -275,7 +275,7 @@ def case_liver_boxes(records_dir, manifest: dict, splits) -> dict[str, dict]:
     for split in splits:
         if not (manifest["splits"].get(split) or {}).get("num_examples"):
             continue
-        ds = data._records(records_dir, manifest, split, False, None).batch(256).map(parse)
+        ds = data.record_dataset(records_dir, manifest, split, False, None).batch(256).map(parse)
         for batch in ds.as_numpy_iterator():
             for i, case in enumerate(batch["image/case_id"]):
                 shape = (int(batch["image/height"][i]), int(batch["image/width"][i]))
@@ -371,25 +371,25 @@ def roi_dataset(records_dir, split: str, batch_size: int, training: bool, roi_si
         label = tf.image.resize(label[lo[0]:hi[0], lo[1]:hi[1]], size, method="nearest")
         return image, label
 
-    parsed = data._records(records_dir, manifest, split, training, seed).map(
+    parsed = data.record_dataset(records_dir, manifest, split, training, seed).map(
         parse_example, num_parallel_calls=data.AUTOTUNE, deterministic=not training).filter(in_roi)
     if training and oversample_tumour > 0:
         if manifest["class_stats"][split]["tumour_slices"] == 0:
             raise data.RecordsError(f"{records_dir}: split {split!r} has no tumour slices to oversample")
-        parsed = data._oversample(parsed, oversample_tumour, seed, repeat)
+        parsed = data.oversample(parsed, oversample_tumour, seed, repeat)
     seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True).map(
         lambda s: tf.cast(s % (2**31 - 1), tf.int32))
     ds = tf.data.Dataset.zip((parsed, seeds)).map(crop, num_parallel_calls=data.AUTOTUNE,
                                                   deterministic=not training)
     if training and augment is not None:
-        ds = data._augmented(ds, augment, seed)
+        ds = data.augmented(ds, augment, seed)
     if repeat and not (training and oversample_tumour > 0):
         ds = ds.repeat()
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     drop = training if drop_remainder is None else drop_remainder
     ds = ds.batch(batch_size, drop_remainder=drop)
-    return data._with_static_shape(ds, manifest, batch_size if drop else None, *size)
+    return data.with_static_shape(ds, manifest, batch_size if drop else None, *size)
 
 
 def check_liver_model(path, modality: str | None = None):

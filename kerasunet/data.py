@@ -77,7 +77,7 @@ def targets_from_labels(label, outputs, label_outputs=None):
     return tf.gather(tf.constant(table), tf.cast(label, tf.int32))
 
 
-def _records(records_dir, manifest: dict, split: str, training: bool, seed):
+def record_dataset(records_dir, manifest: dict, split: str, training: bool, seed):
     """The serialised examples of a split's shards, each shard held to the manifest's count.
 
     A shard cut exactly at a record boundary reads as a normal end of file, so each shard's
@@ -99,7 +99,7 @@ def _records(records_dir, manifest: dict, split: str, training: bool, seed):
                          deterministic=not training)
 
 
-def _oversample(parsed, fraction: float, seed, repeat: bool):
+def oversample(parsed, fraction: float, seed, repeat: bool):
     """Draws ``fraction`` of the stream from tumour slices (nnU-Net style foreground oversampling).
 
     Without ``repeat`` an epoch ends when the plain stream runs out, so it holds every
@@ -141,7 +141,7 @@ def _static_hw(manifest: dict, split: str, image_size, pad_to_multiple):
 def _example_fn(manifest: dict, image_size, pad_to_multiple):
     """parse -> decode -> normalise -> resize/pad, as one map function.
 
-    The label map carries a channel axis of 1 (``(H, W, 1)``) until :func:`_with_static_shape`,
+    The label map carries a channel axis of 1 (``(H, W, 1)``) until :func:`with_static_shape`,
     so resizing, padding and augmentation treat it as a one-channel image.
     """
     channels = manifest["channels"]
@@ -204,7 +204,7 @@ def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, ima
     if not per_example and _static_hw(manifest, split, None, None) != (None, None):
         # Fast path: shuffle and batch the serialised records, then parse, decode and
         # normalise whole batches (one op per batch instead of per slice).
-        ds = _records(records_dir, manifest, split, training, seed)
+        ds = record_dataset(records_dir, manifest, split, training, seed)
         if repeat:  # before the shuffle: its buffer then never drains and refills at an epoch's end
             ds = ds.repeat()
         if training:
@@ -212,33 +212,36 @@ def get_dataset(records_dir, split: str, batch_size: int, training: bool, *, ima
         ds = ds.batch(batch_size, drop_remainder=drop)
         fn = _example_fn(manifest, image_size, pad_to_multiple)
         ds = ds.map(lambda s: fn(parse_examples(s)), num_parallel_calls=AUTOTUNE, deterministic=not training)
-        return _with_static_shape(ds, manifest, batch_size if drop else None, height, width)
-    parsed = _records(records_dir, manifest, split, training, seed).map(parse_example, num_parallel_calls=AUTOTUNE,
+        return with_static_shape(ds, manifest, batch_size if drop else None, height, width)
+    parsed = record_dataset(records_dir, manifest, split, training, seed).map(parse_example, num_parallel_calls=AUTOTUNE,
                                                            deterministic=not training)
     if training and oversample_tumour > 0:
         if manifest["class_stats"][split]["tumour_slices"] == 0:
             raise RecordsError(f"{records_dir}: split {split!r} has no tumour slices to oversample")
-        parsed = _oversample(parsed, oversample_tumour, seed, repeat)
+        parsed = oversample(parsed, oversample_tumour, seed, repeat)
     ds = parsed.map(_example_fn(manifest, image_size, pad_to_multiple),
                     num_parallel_calls=AUTOTUNE, deterministic=not training)
     if training and augment is not None:
-        ds = _augmented(ds, augment, seed)
+        ds = augmented(ds, augment, seed)
     if repeat and not (training and oversample_tumour > 0):  # (oversampling repeats its own streams)
         ds = ds.repeat()
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop, num_parallel_calls=AUTOTUNE,
                   deterministic=not training)
-    return _with_static_shape(ds, manifest, batch_size if drop else None, height, width)
+    return with_static_shape(ds, manifest, batch_size if drop else None, height, width)
 
 
-def _with_static_shape(ds, manifest: dict, batch, height, width):
+def with_static_shape(ds, manifest: dict, batch, height, width):
+    """Batches with static shapes (``batch`` None for a ragged last batch), then prefetch."""
     ds = ds.map(lambda x, y: (tf.ensure_shape(x, [batch, height, width, manifest["channels"]]),
                               tf.ensure_shape(y[..., 0], [batch, height, width])))
     return ds.prefetch(AUTOTUNE)
 
 
-def _augmented(ds, settings, seed):
+def augmented(ds, settings, seed):
+    """Un-batched ``(image, label)`` examples augmented (:func:`kerasunet.augment.augment`) with a
+    fresh stateless seed pair each, drawn from ``seed``."""
     from kerasunet.augment import augment
 
     seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
@@ -254,7 +257,7 @@ def load_split_examples(records_dir, split: str, limit: int | None = None):
     ``label`` (uint8 H x W), ``norm_stats``, ``spacing`` and ``has_tumour``.
     """
     manifest = read_manifest(records_dir)
-    ds = _records(records_dir, manifest, split, False, None).map(lambda s: decode_example(parse_example(s)))
+    ds = record_dataset(records_dir, manifest, split, False, None).map(lambda s: decode_example(parse_example(s)))
     if limit is not None:
         ds = ds.take(limit)
     for ex in ds.as_numpy_iterator():

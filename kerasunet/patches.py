@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from kerasunet.augment import AugmentSettings, affine_matrix, intensity, maybe
 from kerasunet.core.preprocessing import normalize
-from kerasunet.data import AUTOTUNE, RecordsError, _records, read_manifest
+from kerasunet.data import AUTOTUNE, RecordsError, read_manifest, record_dataset
 from tfrecords_builder.features import decode_volume, parse_volume
 
 PATCHES_PER_VOLUME = 2
@@ -130,7 +130,7 @@ def get_patch_dataset(records_dir, split: str, batch_size: int, training: bool, 
     patch = check_patch_args(batch_size, patch_size, foreground_share, patches_per_volume, augment)
     manifest = volume_manifest(records_dir)
     channels = int(manifest.get("channels", 1))
-    ds = _records(records_dir, manifest, split, training, seed)
+    ds = record_dataset(records_dir, manifest, split, training, seed)
     if repeat:
         ds = ds.repeat()
     if training:
@@ -273,7 +273,7 @@ def load_split_volumes(records_dir, split: str):
     ``point_counts`` (per structure).
     """
     manifest = volume_manifest(records_dir)
-    ds = _records(records_dir, manifest, split, False, None).map(lambda s: decode_volume(parse_volume(s)))
+    ds = record_dataset(records_dir, manifest, split, False, None).map(lambda s: decode_volume(parse_volume(s)))
     for ex in ds.as_numpy_iterator():
         yield {**{k: v for k, v in ex.items() if k not in ("source_id", "case_id")},
                "case_id": ex["case_id"].decode()}
