@@ -9,8 +9,9 @@ The loss is BCE + soft Dice, as ``kerasunet.losses.get_loss("bce_dice")``.
 
 In one run, for 128x128 (filters 16, batch 16) and 256x256 (filters 32, batch 8), depth 4:
 
-* PyTorch, NCHW and channels-last, one in-memory batch, Adam: the fastest of as many groups
-  of ``--steps`` steps as kerasunet has timed epochs, after two warm-up steps;
+* PyTorch, NCHW and channels-last, one in-memory batch, Adam, timed before and after
+  kerasunet: the fastest group of ``--steps`` steps (as many groups each time as kerasunet has
+  timed epochs, after two warm-up steps);
 * kerasunet's own training loop (``kerasunet.train``) on records of CT phantoms, the rate
   ``benchmarks/train_step.py`` measures (fastest epoch of ``--steps`` steps after the first).
 
@@ -183,9 +184,14 @@ def main() -> None:
     ratios = []
     for key in args.configs:
         size, (filters, batch) = int(key), CONFIGS[key]
-        nchw = torch_rate(size, filters, batch, steps, channels_last=False, rounds=epochs)["slices_per_s"]
-        last = torch_rate(size, filters, batch, steps, channels_last=True, rounds=epochs)["slices_per_s"]
+        # PyTorch before and after kerasunet, the faster of the two kept: a load that moves during the
+        # run then weighs on both frameworks alike (PyTorch's threads suffer most from a busy CPU)
+        nchw, last = (torch_rate(size, filters, batch, steps, channels_last=layout, rounds=epochs)["slices_per_s"]
+                      for layout in (False, True))
         ours = kerasunet_loop_rate(size, filters, batch, steps, epochs)
+        nchw, last = (max(rate, torch_rate(size, filters, batch, steps, channels_last=layout,
+                                           rounds=epochs)["slices_per_s"])
+                      for rate, layout in ((nchw, False), (last, True)))
         ratios.append(ours / max(nchw, last))
         print(f"{size}x{size} filters {filters} batch {batch}: PyTorch NCHW {nchw:.1f}, channels-last {last:.1f}, "
               f"kerasunet loop {ours:.1f} slices/s")

@@ -149,7 +149,8 @@ def main(build_cases, build_size, build_slices, slices, size, filters, depth, ba
               f"liver surface {r['surface_voxels']} voxels, volume {r['volume_voxels']} voxels")
     growth = {k: scores[large][k] / scores[small][k] for k in ("case", "surface_distances", "surface_voxels",
                                                                  "volume_voxels")}
-    print(f"  growth {large}²/{small}²: surface x{growth['surface_voxels']:.1f}, volume x{growth['volume_voxels']:.1f}, "
+    print(f"  growth {large}²/{small}²: surface x{growth['surface_voxels']:.1f}, "
+          f"volume x{growth['volume_voxels']:.1f}, "
           f"case time x{growth['case']:.1f} (exponent {math.log(growth['case'], scale):.2f}), surface distances "
           f"x{growth['surface_distances']:.1f} (exponent {math.log(growth['surface_distances'], scale):.2f}; "
           "2 = as the surface, 3 = as the volume)")

@@ -118,17 +118,65 @@ def from_records(tmp: Path, size: int, batch: int, steps: int) -> dict:
     return {"x": dataset, "steps_per_epoch": steps}
 
 
+def xla_rates(size: int, filters: int, batch: int, steps: int, rounds: int = 2) -> dict:
+    """Slices/s of one training step as a plain ``tf.function`` and with ``jit_compile=True`` (XLA).
+
+    The step is kerasunet's (forward, BCE + Dice from batch sums, gradients, Adam) on one
+    in-memory batch; both are timed in turn, ``rounds`` times, and the fastest round counts.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((batch, size, size, 1), dtype=np.float32))
+    y = tf.constant((rng.random((batch, size, size, len(NAMES))) > 0.8).astype(np.float32))
+
+    def make(jit: bool):
+        model = compiled_model(size, filters)
+        loss_fn, optimizer = get_loss("bce_dice", NAMES), keras.optimizers.Adam(1e-4)
+        optimizer.build(model.trainable_variables)  # its variables exist before tracing
+
+        @tf.function(jit_compile=jit)
+        def step():
+            with tf.GradientTape() as tape:
+                loss = loss_fn.from_sums(loss_fn.batch_sums(y, model(x, training=True)))
+            optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+            return loss
+
+        step().numpy(), step().numpy()  # traces and compiles; the second call checks nothing is left to trace
+        return step
+
+    steps_of = {"tf.function": make(False), "tf.function(jit_compile=True)": make(True)}
+    rates = dict.fromkeys(steps_of, 0.0)
+    for _ in range(rounds):
+        for name, step in steps_of.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss = step()
+            loss.numpy()
+            rates[name] = max(rates[name], batch * steps / (time.perf_counter() - start))
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 timed epochs of 4 steps per run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["256", "128"])
     parser.add_argument("--no-records", action="store_true", help="skip the records-reader runs")
+    parser.add_argument("--xla", action="store_true",
+                        help="instead, time the step with and without XLA (jit_compile); compiling takes minutes")
     args = parser.parse_args()
     steps, epochs = (4, 2) if args.quick else (10, 3)
     batch = args.batch_size
     print(f"keras {keras.__version__} backend={keras.backend.backend()} policy="
           f"{keras.mixed_precision.global_policy().name} batch={batch} steps/epoch={steps} timed epochs={epochs}")
+    if args.xla:
+        for key in args.configs:
+            rates = xla_rates(*CONFIGS[key], batch, steps)
+            print(", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()) + f" slices/s at {key}²")
+            ratio = rates["tf.function(jit_compile=True)"] / rates["tf.function"]
+            print(f"XLA / plain tf.function, {key}²: {ratio:.2f}x")
+        return
     for key in args.configs:
         size, filters = CONFIGS[key]
         memory = slices_per_second(in_memory(size, batch, steps), size, filters, batch, steps, epochs)

@@ -19,7 +19,8 @@ def test_scaling_benchmark_prints_its_figures_and_the_ratio_line(tmp_path):
     number = r"\d+\.\d+"
     # every slice of one phantom of 4-5 slices (one case: no process pool, so the test stays quick)
     assert re.fullmatch(r"build-records, 1 phantoms 32x32x4-5, [45] examples \(every slice\), best of 1:", lines[0])
-    assert [re.fullmatch(rf"  ([12]) worker\(s\): {number} slices/s", line).group(1) for line in lines[1:3]] == ["1", "2"]
+    workers = [re.fullmatch(rf"  ([12]) worker\(s\): {number} slices/s", line).group(1) for line in lines[1:3]]
+    assert workers == ["1", "2"]
     assert [re.fullmatch(rf"  (\d+) slices: {number} s per volume, {number} ms per slice", line).group(1)
             for line in lines[4:7]] == ["4", "8", "16"]
     # the large scored pair is the small one scaled by 2 along every axis: 16x16x8 and 32x32x16
