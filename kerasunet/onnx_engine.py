@@ -153,12 +153,16 @@ def onnx_model_of(model_path: str | Path):
 
     Raises:
         RunError: not a usable run or model.
-        ExportError: the model has a layer without a conversion (a 3D model, say).
+        ExportError: the model has a layer without a conversion (a 3D model, say), or the run is
+            a cascade (its file holds stage 2 only; the liver ROI step has no ONNX graph here).
     """
     from kerasunet.core.runs import load_model, resolve_run
     from kerasunet.export import ExportError
 
     info = resolve_run(model_path)
+    if info.cascade:
+        raise ExportError(f"{info.model_path}: no ONNX export of a cascade (stage 2 alone would segment "
+                          "tumour without its liver ROI); export it as a SavedModel")
     model = load_model(info)
     try:
         return to_onnx(model, info)

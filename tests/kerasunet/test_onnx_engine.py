@@ -132,6 +132,19 @@ def test_export_format_onnx_writes_model_onnx_in_the_version(runs, tmp_path):
     np.testing.assert_allclose(predictor.predict_on_batch(x), expected, rtol=0, atol=1e-5)
 
 
+def test_onnx_export_of_a_cascade_is_refused_in_one_line(tmp_path):
+    run = write_unet_run(tmp_path / "tumour", "ct", context=0)
+    config = json.loads((run / "config.json").read_text())
+    config["cascade"] = {"liver_model": str(tmp_path / "liver"), "roi_size": [16, 16], "margin_mm": 10.0}
+    (run / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "saved" / "cascade"
+    result = CliRunner().invoke(export_cli, ["--model", str(run), "--out", str(out), "--format", "onnx"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output.strip() == (f"Error: {run / 'best.keras'}: no ONNX export of a cascade (stage 2 alone "
+                                     "would segment tumour without its liver ROI); export it as a SavedModel")
+    assert not out.exists()
+
+
 def test_export_of_a_3d_model_writes_nothing(tmp_path):
     run = tmp_path / "run3d"
     run.mkdir()
