@@ -38,7 +38,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from kerasunet.planner import GIB, estimate_memory, format_size, pooling_factors, pooling_plan  # noqa: E402
+from kerasunet.planner import (GIB, estimate_memory, format_size, pooling_factors, pooling_plan,  # noqa: E402
+                               research_setting)
 
 SPACING = (3.0, 1.2, 1.2)  # thick-slice MRI, (D, H, W) mm
 
@@ -122,6 +123,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(parse_size(args.child), args.filters, args.depth, args.batch)))
         return
+    print("The research's own setting, in the planner's words:")
+    print(research_setting(12.0))
+    print()
     print(f"3D U-Net, filters {args.filters}, depth {args.depth}, batch {args.batch}, spacing {SPACING}, "
           "float32; MiB")
     print(f"{'patch':>12} {'estimate':>9} {'measured':>9} {'ratio':>6} {'fixed':>6} {'est. act.':>9} "
