@@ -27,8 +27,9 @@ Gaussian weighting, ``patch_batch_size`` windows per model call, so the network'
 bounded by that batch, not by the volume). The model's axes ``(D, H, W)`` are the canonical
 ``(z, x, y)``: ``np.moveaxis(data, 2, 0)``, the records builder's order for volumes. The
 steps: the case statistics of the whole raw volume (``case_stats``, as for slices); the raw
-volume resampled (linear) to the run's ``spacing`` when the volume's differs, with the
-builder's own ``resample``; each window normalised (``normalize_np``) just before the model,
+volume resampled (linear) to the run's ``spacing`` when the volume's differs, with
+``core.preprocessing.resample`` (the one the volume records use); each window normalised
+(``normalize_np``) just before the model,
 the volume padded where shorter than a window with the window's lower bound ``lo``
 (normalised: the 2D pad value); probabilities resampled back (linear) to the input grid and
 only then thresholded (:func:`final_labels`, the 2D post-processing). ``tta`` averages the 8

@@ -19,8 +19,8 @@ differs from one device. Its moving statistics are set to their mean over replic
 epoch (:func:`make_sync_step`).
 
 The reader delivers uint8 label maps (``kerasunet.data``); each step expands them into the
-float32 multi-label targets of the modality on its own device (``data.targets_from_labels``),
-so the input pipeline moves a quarter of the bytes of one float32 channel per pixel.
+float32 multi-label targets of the run's outputs on its own device (the ``to_targets`` it is given,
+``data.targets_from_labels``), so the input pipeline moves a quarter of the bytes of one float32 channel per pixel.
 """
 
 from __future__ import annotations
