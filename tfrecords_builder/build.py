@@ -45,7 +45,7 @@ from kerasunet.core.nifti import VolumeError
 from kerasunet.core.preprocessing import NormSettings
 from kerasunet.core.records_format import DEFAULT_WORKERS, ENGINES, MANIFEST_FILE, SHARD_RE, TEMP_PREFIX
 from tfrecords_builder.features import FEATURES, example_key, slice_example
-from tfrecords_builder.ingest import CaseTask, extract_case, inspect_case
+from tfrecords_builder.ingest import CaseTask, extract_slices, inspect_case
 from tfrecords_builder.selection import SelectionSettings
 from tfrecords_builder.writer import ShardWriter
 
@@ -400,11 +400,6 @@ def case_examples(case_id: str, info: dict, data: dict):
         yield example_key(case_id, index), slice_example(
             case_id, index, data["images"][j], data["labels"][j], info["spacing"], info["norm_stats"],
             data["has_tumour"][j])
-
-
-def extract_slices(task: CaseTask, info: dict) -> dict:
-    """Worker step 2 of slice records: :func:`extract_case` of the slices step 1 chose."""
-    return extract_case(task, info["slices"], info["shape"])
 
 
 class RecordKind(NamedTuple):

@@ -13,10 +13,10 @@ slice ``d`` is the 2D records' slice of the same index (:mod:`kerasunet.planner`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
 
 from kerasunet.core.labels import STRUCTURES
 
@@ -75,7 +75,15 @@ VOLUME_FEATURES = {
 }
 """One example per case: the volume cropped around the liver (``tfrecords_builder.volumes``)."""
 
-_TF_DTYPES = {"bytes": tf.string, "int": tf.int64, "float": tf.float32}
+_TF_DTYPES = {"bytes": "string", "int": "int64", "float": "float32"}
+
+
+def _tf():
+    """TensorFlow, imported on first use: the spec above is TensorFlow-free, so the build's
+    worker processes (which import :data:`VOLUME_POINTS`) start without it."""
+    import tensorflow as tf
+
+    return tf
 
 
 def example_key(case_id: str, slice_index: int) -> str:
@@ -83,7 +91,8 @@ def example_key(case_id: str, slice_index: int) -> str:
     return f"{case_id}/{int(slice_index)}"
 
 
-def _to_feature(key: str, spec: Feature, value) -> tf.train.Feature:
+def _to_feature(key: str, spec: Feature, value):
+    tf = _tf()
     if spec.kind == "bytes":
         data = value if isinstance(value, bytes) else str(value).encode()
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
@@ -104,6 +113,7 @@ def serialize_example(values: dict, features: dict = FEATURES) -> bytes:
     """
     if set(values) != set(features):
         raise ValueError(f"Expected the keys {sorted(features)}. Received: keys={sorted(values)}")
+    tf = _tf()
     feature = {key: _to_feature(key, spec, values[key]) for key, spec in features.items()}
     # deterministic: map fields in key order, so a rebuild gives byte-identical shards
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
@@ -179,22 +189,32 @@ def volume_example(case_id: str, image: np.ndarray, label: np.ndarray, spacing, 
 
 def parse_spec(features: dict) -> dict:
     """The ``tf.io.parse_*`` spec of a feature spec (fixed-length features only)."""
-    return {key: tf.io.FixedLenFeature([spec.length] if spec.length else [], _TF_DTYPES[spec.kind])
+    tf = _tf()
+    return {key: tf.io.FixedLenFeature([spec.length] if spec.length else [], getattr(tf, _TF_DTYPES[spec.kind]))
             for key, spec in features.items()}
 
 
-PARSE_SPEC = parse_spec(FEATURES)
-VOLUME_PARSE_SPEC = parse_spec(VOLUME_FEATURES)
+@functools.cache
+def _parse_specs() -> dict:
+    return {"PARSE_SPEC": parse_spec(FEATURES), "VOLUME_PARSE_SPEC": parse_spec(VOLUME_FEATURES)}
+
+
+def __getattr__(name: str):
+    """``PARSE_SPEC`` and ``VOLUME_PARSE_SPEC``, the parsers' specs of :data:`FEATURES` and
+    :data:`VOLUME_FEATURES`, built (and TensorFlow imported) when first asked for."""
+    if name in ("PARSE_SPEC", "VOLUME_PARSE_SPEC"):
+        return _parse_specs()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_example(serialized):
     """Parses one serialised example into a dict of tensors keyed like :data:`FEATURES`."""
-    return tf.io.parse_single_example(serialized, PARSE_SPEC)
+    return _tf().io.parse_single_example(serialized, _parse_specs()["PARSE_SPEC"])
 
 
 def parse_examples(serialized):
     """Parses a batch (vector) of serialised examples at once; the reader's fast path."""
-    return tf.io.parse_example(serialized, PARSE_SPEC)
+    return _tf().io.parse_example(serialized, _parse_specs()["PARSE_SPEC"])
 
 
 def decode_example(parsed: dict, channels: int | None = None) -> dict:
@@ -212,6 +232,7 @@ def decode_example(parsed: dict, channels: int | None = None) -> dict:
         ``norm_stats`` float32 ``(4,)``, ``has_tumour`` bool, ``spacing``, ``source_id``,
         ``case_id`` and ``slice_index``.
     """
+    tf = _tf()
     lead = tf.shape(parsed["image/height"])  # [] for one example, [B] for a batch
     first = lambda key: tf.cast(tf.reshape(parsed[key], [-1])[0], tf.int32)  # noqa: E731
     height, width = first("image/height"), first("image/width")
@@ -235,7 +256,7 @@ def decode_example(parsed: dict, channels: int | None = None) -> dict:
 
 def parse_volume(serialized):
     """Parses one serialised volume example into a dict of tensors keyed like :data:`VOLUME_FEATURES`."""
-    return tf.io.parse_single_example(serialized, VOLUME_PARSE_SPEC)
+    return _tf().io.parse_single_example(serialized, _parse_specs()["VOLUME_PARSE_SPEC"])
 
 
 def decode_volume(parsed: dict) -> dict:
@@ -247,6 +268,7 @@ def decode_volume(parsed: dict) -> dict:
         ``(4,)``, ``points`` ``{structure: int32 (VOLUME_POINTS, 3)}``, ``point_counts``
         ``{structure: int32 scalar}``, ``source_id`` and ``case_id``.
     """
+    tf = _tf()
     size = tf.cast(tf.stack([parsed["volume/depth"], parsed["volume/height"], parsed["volume/width"]]), tf.int32)
     channels = tf.cast(parsed["volume/channels"], tf.int32)
     return {

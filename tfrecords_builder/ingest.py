@@ -102,3 +102,8 @@ def extract_case(task: CaseTask, slices: list[int], shape: list[int]) -> dict:
         "labels": labels,
         "has_tumour": task.is_tumour(labels).any(axis=(1, 2)),
     }
+
+
+def extract_slices(task: CaseTask, info: dict) -> dict:
+    """Worker step 2 of slice records: :func:`extract_case` of the slices step 1 chose."""
+    return extract_case(task, info["slices"], info["shape"])

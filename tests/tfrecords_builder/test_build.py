@@ -1,4 +1,7 @@
 import json
+import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -234,3 +237,24 @@ def test_a_split_left_without_cases_stops_in_one_line_and_resumes_once_fixed(tmp
     assert messages == [f"{tmp_path / 'out'}: resuming; splits already written: train"]
     assert manifest["splits"]["val"]["cases"] == ["volume-2"] and manifest["skipped"] == []
     assert verify_records(tmp_path / "out") == []
+
+
+# What a spawned build worker does first: unpickle the step it runs, importing its module.
+UNPICKLE_STEPS = """
+import pickle, sys
+pickle.loads(bytes.fromhex(sys.argv[1]))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
+assert not loaded, f"a build worker imported {loaded[:3]}"
+"""
+
+
+def test_build_workers_start_without_tensorflow():
+    """Each worker of a build (slices and volumes) starts without TensorFlow, whose import
+    costs seconds per process and prints start-up lines."""
+    from tfrecords_builder.build import SLICES, record_kind
+
+    volumes = record_kind(BuildSettings(source="s", dataset="lits", out="o", volumes=True))
+    steps = [SLICES.inspect, SLICES.extract, volumes.inspect, volumes.extract]
+    result = subprocess.run([sys.executable, "-c", UNPICKLE_STEPS, pickle.dumps(steps).hex()],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]
