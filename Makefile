@@ -22,7 +22,7 @@ test: $(STAMP)
 	sh tests/run_jax.sh $(BIN)/python   # the model code again, under KERAS_BACKEND=jax
 
 demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m cli.demo
+	$(BIN)/python -m cli.demo
 
 # Every benchmark with quick arguments (about 10 minutes on 2 cores); each prints its ratio last.
 # benchmarks/README.md gives the full-size commands. peer_torch says it is skipped without PyTorch.

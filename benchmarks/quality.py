@@ -15,13 +15,13 @@ One run does everything, in ``--out`` (a temporary folder by default):
 5. Both segment the held-out phantoms through :func:`kerasunet.predict.predict_volume` (the
    same preprocessing and post-processing) and are scored as ``kerasunet evaluate`` scores
    them (``lits2017``): liver and tumour Dice per case, lesion recall (IoU > 0.5) and
-   precision. Last, the lesion filter (:mod:`kerasunet.lesion_filter`) is fitted on the
-   validation cases' lesions and applied to kerasunet's held-out predictions.
-6. The liver-ROI cascade (:mod:`kerasunet.cascade`): stage 1 is the kerasunet run of step 3,
-   stage 2 ``train --stage tumour --liver-model`` with its defaults (``--roi-size`` the
-   phantoms' size, 10 mm margin) for the epochs that fit one more budget; scored as above,
-   with and without a lesion filter fitted on its own validation lesions. The cascade has
-   therefore used two budgets (stage 1 and stage 2); the table says so.
+   precision. kerasunet's row is what ``predict`` gives by default: with the lesion filter
+   the run fitted on its validation cases at the end of training (its
+   ``lesion_filter.json``, :mod:`kerasunet.lesion_filter`); a second row shows it without.
+6. The liver-ROI cascade (:mod:`kerasunet.cascade`) within the same budget: stage 1 a kerasunet
+   run for ``--stage1-share`` of it, stage 2 ``train --stage tumour --liver-model`` with its
+   defaults (``--roi-size`` the phantoms' size, 10 mm margin) for the rest; scored as above,
+   with its own lesion filter (as ``predict`` of a cascade) and without.
 
 The budget: ``--minutes`` of wall time on all the machine's cores, i.e. ``minutes x 60 x
 cores`` seconds of this process's CPU time (``time.process_time``, every thread), so a busy
@@ -44,8 +44,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: tfrecords_builder too
+from cli.main import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # the benchmark's own lines, not TensorFlow's start-up lines
 
 import numpy as np  # noqa: E402
 
@@ -153,7 +155,7 @@ def train_kerasunet(records: Path, out: Path, size: int, filters: int, cpu_budge
 
 def segment(model, info, cases):
     """``[(case_id, volume, truth, labels, probabilities)]`` for the held-out cases, without any
-    lesion filter (not even a cascade run's own)."""
+    lesion filter (not even the run's own)."""
     from kerasunet.core.cases import load_case
     from kerasunet.predict import PredictSettings, predict_volume
 
@@ -165,11 +167,18 @@ def segment(model, info, cases):
     return out
 
 
-def scores(predictions, labels_of=lambda p: p[3]) -> dict:
+def relabelled(predictions, outputs, settings) -> list:
+    """The predictions' labels made again from their probabilities with other ``PredictSettings``."""
+    from kerasunet.predict import final_labels
+
+    return [(*p[:3], final_labels(p[4], outputs, p[1].spacing, settings, p[1].data), p[4]) for p in predictions]
+
+
+def scores(predictions) -> dict:
     """Liver/tumour Dice per case and lesion precision/recall, as ``kerasunet evaluate`` gives them."""
     from kerasunet.lits_scoring import score_volume, summarize_cases
 
-    per_case = [score_volume(labels_of(p), p[2], p[1], "ct", "lits2017") for p in predictions]
+    per_case = [score_volume(p[3], p[2], p[1], "ct", "lits2017") for p in predictions]
     s = summarize_cases(per_case, "ct", "lits2017")["structures"]
     t = s["tumour"]
     return {"liver_dice": s["liver"]["dice_per_case"], "tumour_dice": t["dice_per_case"],
@@ -178,19 +187,24 @@ def scores(predictions, labels_of=lambda p: p[3]) -> dict:
             "true_lesions": t["truth_lesions"], "pred_lesions": t["pred_lesions"]}
 
 
-def lesion_filter_effect(model, info, records: Path, predictions, path: Path) -> dict:
-    """Thresholds fitted on the validation cases' lesions (:func:`kerasunet.lesion_filter.fit_on_cases`,
-    as ``train --stage tumour`` fits a cascade's own), applied to the held-out predictions and
-    written to ``path`` (a ``--lesion-filter`` file for ``predict`` and ``evaluate``)."""
-    from kerasunet.evaluate import manifest_cases
-    from kerasunet.lesion_filter import filter_lesions, fit_on_cases, write_lesion_filter
+def own_filter_effect(info, predictions) -> dict:
+    """The run's own lesion filter (``lesion_filter.json``, fitted at the end of training) applied
+    to the held-out predictions, as ``predict`` applies it by default."""
+    from kerasunet.lesion_filter import run_lesion_filter
+    from kerasunet.predict import PredictSettings
 
-    thresholds, candidates, n_truth = fit_on_cases(model, info, manifest_cases(records, "val")[1])
-    write_lesion_filter(path, thresholds)
-    filtered = [filter_lesions(p[3], p[4][..., 1], p[1].data, p[1].spacing, thresholds) for p in predictions]
-    after = scores([(*p, f) for p, f in zip(predictions, filtered)], labels_of=lambda p: p[5])
-    return {"thresholds": thresholds.to_dict(), "validation_lesions": n_truth,
-            "validation_candidates": len(candidates), "after": after}
+    thresholds = run_lesion_filter(info)
+    after = scores(relabelled(predictions, info.mask_outputs, PredictSettings(lesion_filter=thresholds)))
+    return {"thresholds": thresholds and thresholds.to_dict(), "after": after}
+
+
+def without_hole_filling(info, predictions) -> dict:
+    """Scores with the liver's holes left open (``predict --no-fill-liver-holes``), no lesion filter."""
+    from kerasunet.postprocess import PostprocessSettings
+    from kerasunet.predict import PredictSettings
+
+    settings = PredictSettings(postprocess=PostprocessSettings(fill_liver_holes=False))
+    return scores(relabelled(predictions, info.mask_outputs, settings))
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -224,6 +238,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--filters", type=int, default=16)
     parser.add_argument("--train-cases", type=int, default=10)
     parser.add_argument("--test-cases", type=int, default=5)
+    parser.add_argument("--stage1-share", type=float, default=0.6,
+                        help="The cascade's stage-1 share of its budget; stage 2 gets the rest.")
     parser.add_argument("--out", type=Path, default=None, help="Work folder [a temporary one].")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="kerasunet-quality-"))
@@ -245,25 +261,28 @@ def main(argv=None) -> dict:
                "baseline": scores(segment(b_model, b_info, test_cases))}
     results["kerasunet"] |= k_stats
     results["baseline"] |= {"wall_s": b_wall, **b_stats}
-    results["lesion_filter"] = lesion_filter_effect(k_model, info, records, k_pred, out / "lesion_filter.json")
-    results |= cascade_arm(records, out, args, budget, run, test_cases)
+    results["lesion_filter"] = own_filter_effect(info, k_pred)
+    results["no_hole_filling"] = without_hole_filling(info, k_pred)
+    results |= cascade_arm(records, out, args, k_stats["cpu_s"], test_cases)
     report(results, args)
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     return results
 
 
-def cascade_arm(records: Path, out: Path, args, budget: float, liver_run: Path, test_cases) -> dict:
-    """Stage 2 of the cascade on ``liver_run`` for one more budget; its scores and lesion filter."""
+def cascade_arm(records: Path, out: Path, args, budget: float, test_cases) -> dict:
+    """Both stages of the cascade within one ``budget``: stage 1 ``args.stage1_share`` of it."""
     from kerasunet.core.runs import resolve_run
     from kerasunet.predict import load_predictor
 
-    stage2, stats = train_kerasunet(records, out, args.size, args.filters, budget, "cascade-tumour", stage="tumour",
-                                    liver_model=str(liver_run), roi_size=(args.size, args.size))
+    liver, liver_stats = train_kerasunet(records, out, args.size, args.filters, budget * args.stage1_share,
+                                         "cascade-liver")
+    stage2, stats = train_kerasunet(records, out, args.size, args.filters, budget - liver_stats["cpu_s"],
+                                    "cascade-tumour", stage="tumour", liver_model=str(liver),
+                                    roi_size=(args.size, args.size))
     model, info = load_predictor(resolve_run(stage2))
     predictions = segment(model, info, test_cases)
-    return {"cascade": scores(predictions) | stats,
-            "cascade_lesion_filter": lesion_filter_effect(model, info, records, predictions,
-                                                          out / "cascade_lesion_filter.json")}
+    both = {key: liver_stats[key] + stats[key] for key in ("cpu_s", "wall_s", "epochs")}
+    return {"cascade": scores(predictions) | both, "cascade_lesion_filter": own_filter_effect(info, predictions)}
 
 
 def report(results: dict, args) -> None:
@@ -272,23 +291,24 @@ def report(results: dict, args) -> None:
     print("lesion recall and precision: lits2017 (detected at IoU > 0.5) / the '> 0' variant (any overlap)")
     print(f"{'model':<27}{'liver Dice/case':>16}{'tumour Dice/case':>17}{'lesion recall':>15}"
           f"{'lesion precision':>17}{'lesions':>8}{'epochs':>7}{'CPU s':>7}{'wall s':>7}")
-    rows = [("kerasunet defaults", results["kerasunet"]), ("plain U-Net baseline", results["baseline"]),
-            ("kerasunet + lesion filter", {**results["kerasunet"], **results["lesion_filter"]["after"]}),
-            ("cascade (stage 2 budget)", results["cascade"]),
-            ("cascade + lesion filter", {**results["cascade"], **results["cascade_lesion_filter"]["after"]})]
+    rows = [("kerasunet defaults", {**results["kerasunet"], **results["lesion_filter"]["after"]}),
+            ("plain U-Net baseline", results["baseline"]),
+            ("kerasunet, no lesion filter", results["kerasunet"]),
+            ("cascade (same budget)", {**results["cascade"], **results["cascade_lesion_filter"]["after"]}),
+            ("cascade, no lesion filter", results["cascade"])]
     for name, r in rows:
         print(f"{name:<27}{r['liver_dice']:>16.3f}{r['tumour_dice']:>17.3f}"
               f"{r['lesion_recall']:>8.2f} / {r['lesion_recall_gt0']:.2f}"
               f"{r['lesion_precision']:>10.2f} / {r['lesion_precision_gt0']:.2f}"
               f"{r['pred_lesions']:>8}{r['epochs']:>7}{r['cpu_s']:>7.0f}{r['wall_s']:>7.0f}")
     print(f"true lesions: {results['kerasunet']['true_lesions']}")
-    print(f"lesion filter thresholds (fitted on {results['lesion_filter']['validation_candidates']} validation "
-          f"candidates): {results['lesion_filter']['thresholds']}")
-    print(f"cascade lesion filter thresholds (fitted on {results['cascade_lesion_filter']['validation_candidates']} "
-          f"validation candidates): {results['cascade_lesion_filter']['thresholds']}")
+    print(f"kerasunet liver Dice/case without hole filling: {results['no_hole_filling']['liver_dice']:.3f}")
+    print(f"lesion filters (each run's lesion_filter.json): kerasunet {results['lesion_filter']['thresholds']}, "
+          f"cascade {results['cascade_lesion_filter']['thresholds']}")
+    print(f"cascade: stage 1 {args.stage1_share:.0%} of the budget, stage 2 the rest")
     base = results["baseline"]["tumour_dice"]
-    for name in ("kerasunet", "cascade"):
-        ratio = results[name]["tumour_dice"] / base if base > 0 else math.inf
+    for name, key in (("kerasunet defaults", "lesion_filter"), ("cascade", "cascade_lesion_filter")):
+        ratio = results[key]["after"]["tumour_dice"] / base if base > 0 else math.inf
         print(f"tumour Dice ratio {name} / baseline: {ratio:.2f}")
 
 

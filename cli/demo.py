@@ -37,6 +37,9 @@ def best_mri_run(out: Path) -> tuple[str, Path, float]:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_output"))
 def main(out: Path):
     """Synthesise phantoms, run `experiment transfer --preset small`, export the best MRI model."""
+    from cli.main import quiet_tensorflow
+
+    quiet_tensorflow()  # the demo's own lines first, as in every kerasunet command
     from kerasunet.experiment import ExperimentSettings, run_experiment
     from kerasunet.export import export_model
     from kerasunet.synth import synth_dataset

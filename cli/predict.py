@@ -23,15 +23,18 @@ def postprocess_options(command):
         click.option("--no-postprocess", is_flag=True, help="Skip post-processing: the thresholded output as it is."),
         click.option("--largest-liver-component/--no-largest-liver-component",
                      default=_DEFAULTS.largest_liver_component, show_default=True, help="CT: keep only the largest 3D component of liver (+ tumour)."),
+        click.option("--fill-liver-holes/--no-fill-liver-holes", default=_DEFAULTS.fill_liver_holes,
+                     show_default=True, help="CT: background enclosed by liver in an axial slice becomes liver."),
         click.option("--tumour-in-liver/--no-tumour-in-liver", default=_DEFAULTS.tumour_in_liver, show_default=True,
                      help="CT: drop tumour farther than --liver-dilation-mm from the kept liver."),
         click.option("--liver-dilation-mm", type=click.FloatRange(min=0), default=_DEFAULTS.liver_dilation_mm,
                      show_default=True, help="CT: the margin around the liver for --tumour-in-liver, in mm."),
         click.option("--lesion-filter", type=click.Path(path_type=Path), default=None,
                      help="JSON thresholds on per-lesion features (kerasunet.lesion_filter); lesions failing "
-                          "them are dropped after post-processing [a cascade run: its own lesion_filter.json]."),
+                          "them are dropped after post-processing [the run's own lesion_filter.json, fitted "
+                          "at the end of training, when it has one]."),
         click.option("--no-lesion-filter", is_flag=True,
-                     help="Keep every lesion: do not apply a cascade run's own lesion_filter.json."),
+                     help="Keep every lesion: do not apply the run's own lesion_filter.json."),
         click.option("--min-tumour-voxels", type=click.IntRange(min=0), default=_DEFAULTS.min_tumour_voxels,
                      show_default=True, help="Drop tumour components smaller than this (0 keeps all)."),
     ]
@@ -61,12 +64,9 @@ def lesion_filter_options(postprocess: dict) -> dict:
         raise click.ClickException(str(exc)) from None
 
 
-def postprocess_settings(no_postprocess: bool, largest_liver_component: bool, tumour_in_liver: bool,
-                         liver_dilation_mm: float, min_tumour_voxels: int) -> PostprocessSettings:
-    """The settings of the options added by :func:`postprocess_options`."""
-    return PostprocessSettings(enabled=not no_postprocess, largest_liver_component=largest_liver_component,
-                               tumour_in_liver=tumour_in_liver, liver_dilation_mm=liver_dilation_mm,
-                               min_tumour_voxels=min_tumour_voxels)
+def postprocess_settings(no_postprocess: bool, **rules) -> PostprocessSettings:
+    """The settings of the options added by :func:`postprocess_options` (one per field)."""
+    return PostprocessSettings(enabled=not no_postprocess, **rules)
 
 
 @click.command("predict")

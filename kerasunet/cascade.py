@@ -426,17 +426,12 @@ def check_liver_model(path, modality: str | None = None):
 
 @dataclass(frozen=True)
 class CascadeModel:
-    """Both stages of a cascade, loaded: what ``predict.load_predictor`` returns for a stage-2 run.
-
-    ``lesion_filter`` is the run's own ``kerasunet.lesion_filter.LesionFilter`` (its
-    ``lesion_filter.json``, :func:`fit_run_lesion_filter`), or None without one.
-    """
+    """Both stages of a cascade, loaded: what ``predict.load_predictor`` returns for a stage-2 run."""
 
     liver_net: object
     liver_info: object
     tumour_net: object
     tumour_info: object
-    lesion_filter: object = None
 
     @property
     def settings(self) -> CascadeSettings:
@@ -447,68 +442,17 @@ def load_cascade(info) -> CascadeModel:
     """Loads both models of a stage-2 run: its own and the stage-1 model its config names.
 
     Raises:
-        RunError: either model is missing or does not match its config, the stage-1 run is
-            not a liver model (the message names the stage-2 run's config), or the run's
-            ``lesion_filter.json`` is unreadable (the message names it).
+        RunError: either model is missing or does not match its config, or the stage-1 run
+            is not a liver model (the message names the stage-2 run's config).
     """
-    from kerasunet.core.runs import LESION_FILTER_FILE, RunError, load_model
-    from kerasunet.lesion_filter import read_lesion_filter
+    from kerasunet.core.runs import RunError, load_model
 
     settings = CascadeSettings.from_dict(info.cascade)
     try:
         liver_info = check_liver_model(settings.liver_model, info.modality)
     except CascadeError as exc:
         raise RunError(f"{info.model_path.parent / 'config.json'}: cascade.{str(exc).lstrip('-')}") from None
-    thresholds = None
-    if (info.model_path.parent / LESION_FILTER_FILE).exists():
-        try:
-            thresholds = read_lesion_filter(info.model_path.parent / LESION_FILTER_FILE)
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
-    return CascadeModel(load_model(liver_info), liver_info, load_model(info), info, thresholds)
-
-
-def fit_run_lesion_filter(run_dir, records_dir, progress=print):
-    """Fits a stage-2 run's own lesion filter on its validation cases and writes it to the run.
-
-    The run's cascade (both stages: stage 1's predicted liver boxes, as ``predict``) segments
-    the source volumes of the records' ``val`` cases; the thresholds are
-    ``kerasunet.lesion_filter.fit_on_cases``'s and go to the run folder's
-    ``lesion_filter.json`` (atomic), which predict, evaluate and export then apply. Without
-    validation cases or without predicted lesions on them nothing is written (an older file
-    is removed first) and one progress line says so.
-
-    Args:
-        run_dir: the stage-2 run folder (best.keras chosen).
-        records_dir: the records it was trained on; the manifest lists the cases' volumes.
-        progress: receives the one line of the outcome (and one per unreadable case).
-
-    Returns:
-        The thresholds written, or None.
-    """
-    from kerasunet.core.runs import LESION_FILTER_FILE, resolve_run
-    from kerasunet.evaluate import EvaluateError, manifest_cases
-    from kerasunet.lesion_filter import fit_on_cases, write_lesion_filter
-
-    path = Path(run_dir) / LESION_FILTER_FILE
-    path.unlink(missing_ok=True)  # one of an earlier best.keras is not this one's
-    try:
-        _, cases, _ = manifest_cases(Path(records_dir), "val")
-    except EvaluateError:
-        cases = []
-    cases = [c for c in cases if c.label is not None]
-    if not cases:
-        progress(f"lesion filter: no validation cases in {records_dir}; {path.name} not written")
-        return None
-    info = resolve_run(run_dir)
-    thresholds, candidates, n_truth = fit_on_cases(load_cascade(info), info, cases, progress=progress)
-    if not candidates:
-        progress(f"lesion filter: no predicted lesions on {len(cases)} validation case(s); {path.name} not written")
-        return None
-    write_lesion_filter(path, thresholds)
-    progress(f"lesion filter: fitted on {len(candidates)} predicted lesion(s) of {len(cases)} validation case(s) "
-             f"({n_truth} true): {thresholds.to_dict()} -> {path}")
-    return thresholds
+    return CascadeModel(load_model(liver_info), liver_info, load_model(info), info)
 
 
 def liver_probability(probs: np.ndarray) -> np.ndarray:
@@ -625,12 +569,7 @@ def write_cascade_saved_model(cascade: CascadeModel, path) -> None:
 
 
 def cascade_export_fields(name: str, cascade: CascadeModel) -> dict:
-    """``export.json`` entries of a cascade that differ from a plain 2D export.
-
-    ``cascade.lesion_filter`` holds the run's own lesion-filter thresholds (or null): the
-    served ``mask`` is unfiltered, and ``predict --server`` applies them client-side when given
-    ``--lesion-filter RUN/lesion_filter.json``, so its masks equal a local ``predict``'s.
-    """
+    """``export.json`` entries of a cascade that differ from a plain 2D export."""
     from kerasunet.export import INPUT_NAME, INPUT_UNITS, REST_PORT, SIGNATURE, mask_labels
 
     channels, info = serving_channels(cascade), cascade.tumour_info
@@ -646,9 +585,7 @@ def cascade_export_fields(name: str, cascade: CascadeModel) -> dict:
         "context": channels // 2,
         "one_case_per_request": True,
         "cascade": {**cascade.settings.to_dict(), "liver_context": cascade.liver_info.context,
-                    "tumour_context": info.context, "roi_threshold": ROI_THRESHOLD,
-                    # the graph's masks are unfiltered: a client applies these (predict --lesion-filter)
-                    "lesion_filter": None if cascade.lesion_filter is None else cascade.lesion_filter.to_dict()},
+                    "tumour_context": info.context, "roi_threshold": ROI_THRESHOLD},
         "curl_predict": (f"curl -X POST http://localhost:{REST_PORT}/v1/models/{name}:predict -d "
                          f"'{{\"signature_name\": \"{SIGNATURE}\", \"inputs\": {{\"{INPUT_NAME}\": "
                          f"[[[{pixel}, {pixel}], [{pixel}, {pixel}]]], \"{SPACING_INPUT}\": [1.0, 1.0, 1.0]}}}}'"),

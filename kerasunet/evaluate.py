@@ -201,7 +201,7 @@ def evaluate(models: dict[str, str | Path], data, out_dir, settings: EvaluateSet
         "settings": asdict(settings),
         "models": {name: {"path": str(models[name]), **summarize[name],
                           **({"before_lesion_filter": summarize_cases(scores.unfiltered[name], outputs, convention),
-                              "lesion_filter": applied_lesion_filter(*predictors[name], settings.predict).to_dict()}
+                              "lesion_filter": applied_lesion_filter(predictors[name][1], settings.predict).to_dict()}
                              if name in scores.unfiltered else {})} for name in predictors},
         "baselines": {BASELINE: summarize[BASELINE]},
         "overlays": [str(p.relative_to(out_dir)) for p in scores.overlays],
@@ -274,7 +274,7 @@ def score_cases(predictors: dict[str, tuple], cases: list[CaseFiles], outputs, s
             predictions[name] = relabel_np(labels, info.mask_outputs, outputs)
             metrics = score_volume(predictions[name], truth, volume, outputs, convention)
             scores.per_case[name].append(metrics)
-            if applied_lesion_filter(net, info, settings.predict) is not None:  # without it, for the report
+            if applied_lesion_filter(info, settings.predict) is not None:  # without it, for the report
                 unfiltered = final_labels(probs, info.mask_outputs, volume.spacing,
                                           replace(settings.predict, lesion_filter=None), volume.data)
                 scores.unfiltered.setdefault(name, []).append(

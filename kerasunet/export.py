@@ -4,6 +4,7 @@ Layout written under ``saved_models/NAME/`` (the folder TF Serving's ``base_path
 
     1/, 2/, ...                  one SavedModel per version (saved_model.pb + variables/)
       assets.extra/tf_serving_warmup_requests   requests TF Serving replays at load
+      lesion_filter.json         the run's own lesion-filter thresholds, when it has them
     models.config                TF Serving model config: the two newest versions live,
                                  version labels ``stable`` / ``canary``
     batching_parameters.txt      ``--batching_parameters_file`` for ``--enable_batching`` (CT only)
@@ -48,6 +49,13 @@ thresholding and post-processing run on the client (``kerasunet.predict``). ``ex
 records ``dims``, ``patch_size`` and ``spacing``; 3D exports get no batching file (the
 client already batches its windows, and the slice sizes of :class:`BatchingSettings` do not
 fit patches).
+
+The served ``mask`` is not lesion-filtered (the filter runs on per-lesion features of whole
+cases, :mod:`kerasunet.lesion_filter`). A run's own thresholds go with each version
+(``lesion_filter.json``, which ``predict --engine onnx`` of that version applies by default)
+and into ``export.json``'s ``lesion_filter``; ``predict --server ... --lesion-filter
+saved_models/NAME/VERSION/lesion_filter.json`` applies them on the client, which gives a local
+``predict``'s masks.
 """
 
 from __future__ import annotations
@@ -62,7 +70,8 @@ from pathlib import Path
 from kerasunet import __version__
 from kerasunet.core.atomic import atomic_path, write_json
 from kerasunet.core.labels import label_values
-from kerasunet.core.runs import RunInfo, load_model, resolve_run
+from kerasunet.core.runs import LESION_FILTER_FILE, RunInfo, load_model, resolve_run
+from kerasunet.lesion_filter import run_lesion_filter, write_lesion_filter
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
@@ -578,8 +587,11 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     else:
         model = load_model(info)
     target = out_dir / str(version)
+    thresholds = run_lesion_filter(info)
     with atomic_path(target, is_dir=True) as tmp:
         write_saved_model(model, info, tmp)
+        if thresholds is not None:
+            write_lesion_filter(tmp / LESION_FILTER_FILE, thresholds)
         warmup = None if info.cascade else _warmup_or_warn(tmp, target, name, info)  # cascade: whole cases
     with atomic_path(out_dir / CONFIG_FILE) as tmp:  # TF Serving may poll this file
         tmp.write_text(models_config(name, labels))
@@ -589,6 +601,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, version: int | Non
     else:  # batching merges requests, and with them MRI cases (3D: see the module docstring)
         (out_dir / BATCHING_FILE).unlink(missing_ok=True)
     exported = export_info(name, info, version, previous, numeric_versions(out_dir), labels, warmup)
+    exported["lesion_filter"] = None if thresholds is None else thresholds.to_dict()  # applied by clients
     if info.cascade:
         from kerasunet.cascade import cascade_export_fields
 

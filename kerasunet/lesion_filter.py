@@ -28,17 +28,18 @@ else background.
 In ``predict``/``evaluate`` the filter runs after the post-processing when given
 ``--lesion-filter FILE``: a JSON object of the four thresholds (:func:`read_lesion_filter`),
 as :func:`fit_lesion_filter` chooses them on validation cases (:func:`fit_on_cases`, which
-``benchmarks/quality.py`` and the cascade's training use) or as a user sets them. A
-cascade's second stage fits its own at the end of training
-(:func:`kerasunet.cascade.fit_run_lesion_filter`, the run folder's ``lesion_filter.json``)
-and predict/evaluate apply it unless given ``--lesion-filter FILE`` or
-``--no-lesion-filter``.
+``benchmarks/quality.py`` and training use) or as a user sets them. Every run with a tumour
+output (a whole-slice run, a cascade's second stage, a 3D run) fits its own at the end of
+training (:func:`fit_run_lesion_filter`, the run folder's ``lesion_filter.json``) and
+predict/evaluate apply it unless given ``--lesion-filter FILE`` or ``--no-lesion-filter``
+(:func:`run_lesion_filter`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -307,7 +308,6 @@ def read_lesion_filter(path) -> LesionFilter:
         ValueError: one line naming the file: unreadable, not JSON, an unknown key or a bad value.
     """
     import json
-    from pathlib import Path
 
     try:
         values = json.loads(Path(path).read_text())
@@ -326,6 +326,71 @@ def write_lesion_filter(path, thresholds: LesionFilter) -> None:
     from kerasunet.core.atomic import write_json
 
     write_json(path, thresholds.to_dict())
+
+
+def run_lesion_filter(info) -> LesionFilter | None:
+    """A run's own thresholds: its folder's ``lesion_filter.json`` (:func:`fit_run_lesion_filter`), or None.
+
+    Args:
+        info: the run (``kerasunet.core.runs.RunInfo``).
+
+    Raises:
+        RunError: the file is there but unreadable (the message names it).
+    """
+    from kerasunet.core.runs import LESION_FILTER_FILE, RunError
+
+    path = Path(info.model_path).parent / LESION_FILTER_FILE
+    if not path.exists():
+        return None
+    try:
+        return read_lesion_filter(path)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def fit_run_lesion_filter(run_dir, records_dir, progress=print) -> LesionFilter | None:
+    """Fits a run's own lesion filter on its validation cases and writes it to the run.
+
+    The run (a whole-slice or 3D run, or both stages of a cascade, exactly as ``predict``
+    runs it) segments the source volumes of the records' ``val`` cases; the thresholds are
+    :func:`fit_on_cases`'s and go to the run folder's ``lesion_filter.json`` (atomic), which
+    predict, evaluate and export then apply. When they cannot be fitted, nothing is written
+    (an older file is removed first) and one progress line says why: no validation cases,
+    none of their source volumes readable (records copied without their sources), or no
+    predicted lesion on them. The model itself is never affected.
+
+    Args:
+        run_dir: the run folder (best.keras chosen).
+        records_dir: the records it was trained on; the manifest lists the cases' volumes.
+        progress: receives the one line of the outcome (and one per unreadable case).
+
+    Returns:
+        The thresholds written, or None.
+    """
+    from kerasunet.core.runs import LESION_FILTER_FILE
+    from kerasunet.evaluate import EvaluateError, manifest_cases
+    from kerasunet.predict import load_predictor
+
+    path = Path(run_dir) / LESION_FILTER_FILE
+    path.unlink(missing_ok=True)  # one of an earlier best.keras is not this one's
+    try:
+        _, cases, _ = manifest_cases(Path(records_dir), "val")
+    except EvaluateError:
+        cases = []
+    cases = [c for c in cases if c.label is not None]
+    if not cases:
+        progress(f"lesion filter: no validation cases in {records_dir}; {path.name} not written")
+        return None
+    model, info = load_predictor(run_dir)
+    thresholds, candidates, n_truth = fit_on_cases(model, info, cases, progress=progress)
+    if not candidates:
+        progress(f"lesion filter: no predicted lesions on the readable validation cases of {len(cases)}; "
+                 f"{path.name} not written")
+        return None
+    write_lesion_filter(path, thresholds)
+    progress(f"lesion filter: fitted on {len(candidates)} predicted lesion(s) of {len(cases)} validation case(s) "
+             f"({n_truth} true): {thresholds.to_dict()} -> {path}")
+    return thresholds
 
 
 def report_section(summary: dict) -> list[str]:

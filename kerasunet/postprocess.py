@@ -3,20 +3,24 @@
 Chlebus G. et al., "Automatic liver tumor segmentation in CT with fully convolutional neural
 networks and object-based postprocessing", Scientific Reports 8, 15497 (2018) filter the
 network's tumour candidates by object features and keep them only inside the liver. Here the
-same idea is reduced to three switchable rules on the label map (canonical ``(x, y, z)``):
+same idea is reduced to four switchable rules on the label map (canonical ``(x, y, z)``):
 
 CT (labels 0 background, 1 liver, 2 tumour; tumour counts as liver):
   1. ``largest_liver_component``: keep only the largest 3D connected component of
      ``label >= 1``; everything else becomes background. A liver is one organ, so smaller
      components are false positives (spleen, heart, bowel).
-  2. ``tumour_in_liver``: tumour voxels farther than ``liver_dilation_mm`` (in mm, using the
+  2. ``fill_liver_holes``: background enclosed by the kept liver within an axial slice becomes
+     liver (``scipy.ndimage.binary_fill_holes`` per slice). The liver is a solid organ and
+     the LiTS references label the vessels inside it as liver; holes are where the network
+     hesitated, e.g. at a low-contrast tumour's rim or an intrahepatic vessel.
+  3. ``tumour_in_liver``: tumour voxels farther than ``liver_dilation_mm`` (in mm, using the
      voxel spacing) from the kept liver are dropped. The margin keeps tumours at the liver
      edge that the network cut off from the organ. Without rule 1 every tumour voxel is part
      of ``label >= 1``, so this rule then changes nothing.
-  3. ``min_tumour_voxels``: tumour components with fewer voxels are dropped (they become
+  4. ``min_tumour_voxels``: tumour components with fewer voxels are dropped (they become
      liver where they lie in the kept liver, background elsewhere).
 
-MRI (labels 0 background, 1 tumour): there is no liver label, so only rule 3 applies.
+MRI (labels 0 background, 1 tumour): there is no liver label, so only rule 4 applies.
 
 Components use full 3D connectivity (26 neighbours), so diagonally touching voxels are one
 object, as in ``scipy.ndimage.label`` with a 3x3x3 structure.
@@ -39,6 +43,7 @@ class PostprocessSettings:
     Attributes:
         enabled: False returns the labels unchanged.
         largest_liver_component: CT: keep only the largest 3D component of label >= 1.
+        fill_liver_holes: CT: background enclosed by liver in an axial slice becomes liver.
         tumour_in_liver: CT: drop tumour farther than ``liver_dilation_mm`` from the kept liver.
         liver_dilation_mm: margin around the liver, in millimetres (spacing-aware).
         min_tumour_voxels: tumour components smaller than this are dropped; 0 keeps all.
@@ -46,6 +51,7 @@ class PostprocessSettings:
 
     enabled: bool = True
     largest_liver_component: bool = True
+    fill_liver_holes: bool = True
     tumour_in_liver: bool = True
     liver_dilation_mm: float = 5.0
     min_tumour_voxels: int = 10
@@ -65,6 +71,14 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     return components == int(np.argmax(sizes))
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with the holes of each axial slice (last axis) filled."""
+    filled = mask.copy()
+    for k in np.flatnonzero(mask.any(axis=(0, 1))):
+        filled[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    return filled
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -122,6 +136,8 @@ def postprocess(labels: np.ndarray, outputs, spacing, settings: PostprocessSetti
     liver = labels >= 1
     if settings.largest_liver_component:
         liver = largest_component(liver)
+    if settings.fill_liver_holes:
+        liver = fill_holes_per_slice(liver)
     tumour = labels == 2
     if settings.tumour_in_liver:
         outside = tumour & ~liver

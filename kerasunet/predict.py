@@ -101,8 +101,9 @@ class PredictSettings:
         lesion_filter: thresholds on per-lesion features (``kerasunet.lesion_filter``,
             ``--lesion-filter FILE``) applied after the post-processing; None: the run's own
             (below), else every lesion is kept.
-        run_lesion_filter: apply a cascade run's own thresholds (its ``lesion_filter.json``)
-            when ``lesion_filter`` is None; False (``--no-lesion-filter``) keeps every lesion.
+        run_lesion_filter: apply the run's own thresholds (its ``lesion_filter.json``, fitted
+            at the end of training) when ``lesion_filter`` is None; False
+            (``--no-lesion-filter``) keeps every lesion.
         output_format: ``nifti`` masks, or ``dicom-seg``: a DICOM Segmentation per DICOM
             series input (``kerasunet.dicom_seg``; the mask's path with ``.dcm``).
     """
@@ -170,7 +171,10 @@ def load_predictor(model, engine: str = "keras") -> tuple[object, RunInfo]:
         if info.cascade:  # the ONNX file holds one stage; kerasunet.cascade runs both with Keras
             raise RunError(f"{info.model_path}: a cascade's second stage; predict it with --engine keras")
         return net, info
+    from kerasunet.lesion_filter import run_lesion_filter
+
     info = model if isinstance(model, RunInfo) else resolve_run(model)
+    run_lesion_filter(info)  # an unreadable lesion_filter.json fails here, not case by case
     if info.cascade:  # both stages (kerasunet.cascade)
         from kerasunet.cascade import load_cascade
 
@@ -253,24 +257,27 @@ def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettin
         ``(labels, probabilities)``: uint8 ``(x, y, z)`` in the dataset's label convention and
         float32 ``(x, y, z, N)``, both in canonical order.
     """
+    settings = replace(settings, lesion_filter=applied_lesion_filter(info, settings))
     if info.dims == 3:
         return predict_volume_3d(model, info, volume, settings)
     if info.cascade:  # ``model`` is load_predictor's CascadeModel
         from kerasunet.cascade import predict_cascade
 
-        applied = applied_lesion_filter(model, info, settings)
-        return predict_cascade(model, volume, replace(settings, lesion_filter=applied))
+        return predict_cascade(model, volume, settings)
     probs = volume_probabilities(model, info, volume, settings)
     return final_labels(probs, info.outputs, volume.spacing, settings, volume.data), probs
 
 
-def applied_lesion_filter(model, info: RunInfo, settings: PredictSettings):
-    """The lesion filter :func:`predict_volume` applies with ``model``: ``settings.lesion_filter``,
-    else a cascade's own (``CascadeModel.lesion_filter``) unless ``settings.run_lesion_filter``
-    is False; None keeps every lesion."""
-    if settings.lesion_filter is not None or not (info.cascade and settings.run_lesion_filter):
+def applied_lesion_filter(info: RunInfo, settings: PredictSettings):
+    """The lesion filter :func:`predict_volume` applies with the run ``info``:
+    ``settings.lesion_filter``, else the run's own (its ``lesion_filter.json``,
+    :func:`kerasunet.lesion_filter.run_lesion_filter`) unless ``settings.run_lesion_filter`` is
+    False; None keeps every lesion."""
+    if settings.lesion_filter is not None or not settings.run_lesion_filter:
         return settings.lesion_filter
-    return model.lesion_filter
+    from kerasunet.lesion_filter import run_lesion_filter
+
+    return run_lesion_filter(info)
 
 
 def volume_probabilities(model, info: RunInfo, volume: Volume, settings: PredictSettings) -> np.ndarray:

@@ -54,10 +54,14 @@ the liver ROIs of the slice records, resized to ``--roi-size``, with one output 
 records' liver-and-tumour labels give its targets). The ROI is each case's liver box plus
 ``--roi-margin-mm``, jittered in training; slices outside its z range are dropped. The
 liver model is checked (a 2D run that outputs liver, of the records' modality) before
-anything is built, and config.json records it under ``cascade``. After the last epoch the
-cascade (stage 1's liver boxes, best.keras) segments the validation cases and the lesion
-filter fitted on their lesions is written to ``lesion_filter.json``
-(:func:`kerasunet.cascade.fit_run_lesion_filter`); predict and evaluate apply it by default.
+anything is built, and config.json records it under ``cascade``.
+
+Lesion filter: after the last epoch, a run with a tumour output (whole-slice, 3D, or a
+cascade's second stage with stage 1's liver boxes) segments the validation cases as
+``predict`` does with best.keras, and the lesion filter fitted on their predicted lesions is
+written to ``lesion_filter.json`` (:func:`kerasunet.lesion_filter.fit_run_lesion_filter`);
+predict, evaluate and export apply it by default. When it cannot be fitted (no validation
+cases, their source volumes gone) one line says so and the run keeps every lesion.
 
 In multi-worker runs only the chief (task ``chief``, else ``worker`` 0) writes ``--out``;
 the other workers write their checkpoints and logs to a temporary folder deleted at the
@@ -521,15 +525,15 @@ def run(settings: TrainSettings, strategy, manifest: dict, manifest_sha: str, ru
         end_epoch(settings, state, writer, row, time.perf_counter() - start, inputs.val is not None, progress)
         manager.save()  # last, so a checkpoint never runs ahead of the files above
     writer.plot_curves()
-    if settings.stage == "tumour" and write_dir == run_dir:  # the chief: the cascade's own lesion filter
-        from kerasunet.cascade import fit_run_lesion_filter
+    if "tumour" in inputs.output_names and write_dir == run_dir:  # the chief: the run's own lesion filter
         from kerasunet.core.nifti import VolumeError
         from kerasunet.core.runs import RunError
+        from kerasunet.lesion_filter import fit_run_lesion_filter
 
         try:
             fit_run_lesion_filter(run_dir, settings.records, progress)
-        except (RunError, VolumeError) as exc:  # e.g. the stage-1 run or a source volume moved meanwhile
-            raise TrainError(f"{run_dir}: trained, but its lesion filter could not be fitted: {exc}") from None
+        except (RunError, VolumeError) as exc:  # e.g. the stage-1 run moved meanwhile; the model is kept
+            progress(f"lesion filter: not fitted ({exc}); {run_dir} keeps every lesion")
     return FitResult(run_dir=run_dir, model=state.model, history=writer.history)
 
 

@@ -9,9 +9,10 @@ A run folder ``RUN_DIR`` holds::
     learning_curves.png train/validation loss and Dice per epoch
     checkpoints/        resumable state (model + optimiser), written atomically each epoch
     logs/               TensorBoard
-    lesion_filter.json  a cascade's second stage only: lesion-filter thresholds fitted on its
-                        validation cases (kerasunet.lesion_filter; absent without validation
-                        cases or predicted lesions); predict/evaluate apply them by default
+    lesion_filter.json  runs with a tumour output: lesion-filter thresholds fitted on the
+                        validation cases' predicted lesions at the end of training
+                        (kerasunet.lesion_filter; absent without validation cases or predicted
+                        lesions); predict/evaluate/export apply them by default
 
 ``config.json`` keys used outside training::
 

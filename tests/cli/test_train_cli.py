@@ -78,6 +78,8 @@ def test_trains_then_refuses_the_same_folder_and_stops_on_nan(records, tmp_path)
     assert result.exit_code == 0, result.output
     assert "epoch 1/1 step 2/2 loss " in result.output and result.output.endswith(f"wrote {out}\n")
     assert (out / "best.keras").is_file() and (out / "history.csv").is_file()
+    # a run with a tumour output fits its own lesion filter on the validation cases last
+    assert re.search(r"^lesion filter: (fitted on|no predicted lesions)", result.output, re.M), result.output
     again = run("--records", records, "--out", out, *TINY)
     assert_one_line_error(again, f"{out}: exists and is not empty; pass --resume to continue its run "
                                  "or choose a new --out")

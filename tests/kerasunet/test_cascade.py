@@ -1,4 +1,6 @@
-"""kerasunet.cascade: the ROI geometry (numpy and TensorFlow twins)."""
+"""kerasunet.cascade: the ROI geometry (numpy and TensorFlow twins), both stages, and a run's own lesion filter."""
+
+import json
 
 import numpy as np
 import pytest
@@ -343,7 +345,7 @@ def false_positive_volume():
 def filtered_cascade(tmp_path_factory):
     """``(root, run, lines)``: records of two such cases (one validates), the exact cascade, and
     the progress lines of fitting its lesion filter."""
-    from kerasunet.cascade import fit_run_lesion_filter
+    from kerasunet.lesion_filter import fit_run_lesion_filter
     from tests.helpers import build_settings, expected_ct_labels
     from tfrecords_builder.build import build_records
 
@@ -386,17 +388,50 @@ def test_fitted_filter_is_written_to_the_run_and_drops_the_false_positive_by_def
 def test_no_validation_cases_write_no_filter_and_remove_an_old_one(filtered_cascade, tmp_path):
     import shutil
 
-    from kerasunet.cascade import cascade_export_fields, fit_run_lesion_filter, load_cascade
     from kerasunet.core.runs import resolve_run
+    from kerasunet.lesion_filter import fit_run_lesion_filter, run_lesion_filter
 
     root, run, _ = filtered_cascade
     copy = shutil.copytree(run, tmp_path / "run")
-    fields = cascade_export_fields("c", load_cascade(resolve_run(copy)))  # export.json carries the thresholds
-    assert fields["cascade"]["lesion_filter"] == load_cascade(resolve_run(run)).lesion_filter.to_dict()
+    assert run_lesion_filter(resolve_run(copy)).to_dict() == json.loads((run / "lesion_filter.json").read_text())
     lines = []
     assert fit_run_lesion_filter(copy, tmp_path / "no-records", lines.append) is None
     assert len(lines) == 1 and "no validation cases" in lines[0] and "not written" in lines[0]
-    assert not (copy / "lesion_filter.json").exists() and load_cascade(resolve_run(copy)).lesion_filter is None
+    assert not (copy / "lesion_filter.json").exists() and run_lesion_filter(resolve_run(copy)) is None
+
+
+def test_export_of_a_cascade_carries_its_lesion_filter(filtered_cascade, tmp_path):
+    """The served mask is unfiltered; the version folder and export.json carry the run's thresholds."""
+    from kerasunet.export import export_model
+
+    _, run, _ = filtered_cascade
+    target = export_model(run, tmp_path / "cascade")
+    own = json.loads((run / "lesion_filter.json").read_text())
+    assert json.loads((target / "lesion_filter.json").read_text()) == own
+    assert json.loads((tmp_path / "cascade" / "export.json").read_text())["lesion_filter"] == own
+
+
+def test_a_whole_slice_run_fits_and_applies_its_own_filter_too(filtered_cascade, tmp_path):
+    """Not only a cascade: a whole-slice run (the threshold model, which also finds the hot false
+    positive) gets thresholds from the same validation case, and predict applies them by default."""
+    import nibabel as nib
+
+    from kerasunet.lesion_filter import fit_run_lesion_filter
+    from tests.helpers import threshold_model, write_run
+
+    root, _, _ = filtered_cascade
+    run = write_run(tmp_path / "whole", threshold_model())
+    lines = []
+    assert fit_run_lesion_filter(run, root / "records", lines.append) is not None
+    assert len(lines) == 1 and "2 predicted lesion(s) of 1 validation case(s) (1 true)" in lines[0], lines
+    masks = {}
+    for name, extra in (("default", ()), ("off", ("--no-lesion-filter",))):
+        result = invoke("predict", "--model", run, "--input", root / "lits" / "volume-0.nii",
+                        "--output", tmp_path / f"{name}.nii.gz", *extra)
+        assert result.exit_code == 0, result.output
+        masks[name] = np.asarray(nib.load(str(tmp_path / f"{name}.nii.gz")).dataobj)
+    assert (masks["off"][FALSE_POSITIVE] == 2).all() and (masks["default"][FALSE_POSITIVE] == 1).all()
+    assert (masks["default"][10:14, 9:13, 3:5] == 2).all()
 
 
 @pytest.mark.parametrize("own", [False, True])

@@ -99,3 +99,16 @@ def test_within_distance_matches_a_whole_volume_distance_transform(seed):
     spacing = (0.8, 1.3, 2.5)
     expected = candidates & (ndimage.distance_transform_edt(~region, sampling=spacing) <= 4.0)
     np.testing.assert_array_equal(within_distance(region, candidates, spacing, 4.0), expected)
+
+
+def test_holes_enclosed_by_liver_within_a_slice_become_liver():
+    labels = ct_labels()
+    labels[7:9, 18:20, 3] = 0  # a hole inside the liver (a missed vessel, say)
+    labels[5:25, 5:7, 9] = 0  # a notch open to the outside: not a hole
+    labels[14:16, 14:16, 6] = 0  # background inside the tumour: enclosed, so liver
+    out = postprocess(labels, CT, SPACING, PostprocessSettings())
+    assert (out[7:9, 18:20, 3] == 1).all() and (out[14:16, 14:16, 6] == 1).all()
+    assert not out[5:25, 5:7, 9].any()
+    kept = postprocess(labels, CT, SPACING, PostprocessSettings(fill_liver_holes=False))
+    assert not kept[7:9, 18:20, 3].any() and not kept[14:16, 14:16, 6].any()
+    np.testing.assert_array_equal(out[..., :3], kept[..., :3])  # slices without holes are unchanged
