@@ -364,22 +364,25 @@ def filtered_cascade(tmp_path_factory):
     return root, run, lines
 
 
-def test_fitted_filter_is_written_to_the_run_and_drops_the_false_positive_by_default(filtered_cascade, tmp_path):
-    import json
-
+def masks_with_and_without_filter(run, volume, out) -> dict:
+    """``predict`` of ``run`` by default (``"default"``) and with ``--no-lesion-filter`` (``"off"``)."""
     import nibabel as nib
 
+    masks = {}
+    for name, extra in (("default", ()), ("off", ("--no-lesion-filter",))):
+        result = invoke("predict", "--model", run, "--input", volume, "--output", out / f"{name}.nii.gz", *extra)
+        assert result.exit_code == 0, result.output
+        masks[name] = np.asarray(nib.load(str(out / f"{name}.nii.gz")).dataobj)
+    return masks
+
+
+def test_fitted_filter_is_written_to_the_run_and_drops_the_false_positive_by_default(filtered_cascade, tmp_path):
     root, run, lines = filtered_cascade
     assert len(lines) == 1 and "2 predicted lesion(s) of 1 validation case(s)" in lines[0], lines
     thresholds = json.loads((run / "lesion_filter.json").read_text())
     voxel_mm3 = float(np.prod(SPACING))
     assert 12 * voxel_mm3 < thresholds["volume_mm3"] < 32 * voxel_mm3
-    masks = {}
-    for name, extra in (("default", ()), ("off", ("--no-lesion-filter",))):
-        result = invoke("predict", "--model", run, "--input", root / "lits" / "volume-0.nii",
-                        "--output", tmp_path / f"{name}.nii.gz", *extra)
-        assert result.exit_code == 0, result.output
-        masks[name] = np.asarray(nib.load(str(tmp_path / f"{name}.nii.gz")).dataobj)
+    masks = masks_with_and_without_filter(run, root / "lits" / "volume-0.nii", tmp_path)
     assert (masks["off"][FALSE_POSITIVE] == 2).all() and (masks["default"][FALSE_POSITIVE] == 1).all()
     assert (masks["default"][10:14, 9:13, 3:5] == 2).all()  # the true tumour stays
     np.testing.assert_array_equal(masks["default"] >= 1, masks["off"] >= 1)
@@ -414,8 +417,6 @@ def test_export_of_a_cascade_carries_its_lesion_filter(filtered_cascade, tmp_pat
 def test_a_whole_slice_run_fits_and_applies_its_own_filter_too(filtered_cascade, tmp_path):
     """Not only a cascade: a whole-slice run (the threshold model, which also finds the hot false
     positive) gets thresholds from the same validation case, and predict applies them by default."""
-    import nibabel as nib
-
     from kerasunet.lesion_filter import fit_run_lesion_filter
     from tests.helpers import threshold_model, write_run
 
@@ -424,12 +425,7 @@ def test_a_whole_slice_run_fits_and_applies_its_own_filter_too(filtered_cascade,
     lines = []
     assert fit_run_lesion_filter(run, root / "records", lines.append) is not None
     assert len(lines) == 1 and "2 predicted lesion(s) of 1 validation case(s) (1 true)" in lines[0], lines
-    masks = {}
-    for name, extra in (("default", ()), ("off", ("--no-lesion-filter",))):
-        result = invoke("predict", "--model", run, "--input", root / "lits" / "volume-0.nii",
-                        "--output", tmp_path / f"{name}.nii.gz", *extra)
-        assert result.exit_code == 0, result.output
-        masks[name] = np.asarray(nib.load(str(tmp_path / f"{name}.nii.gz")).dataobj)
+    masks = masks_with_and_without_filter(run, root / "lits" / "volume-0.nii", tmp_path)
     assert (masks["off"][FALSE_POSITIVE] == 2).all() and (masks["default"][FALSE_POSITIVE] == 1).all()
     assert (masks["default"][10:14, 9:13, 3:5] == 2).all()
 
