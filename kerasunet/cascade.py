@@ -557,7 +557,7 @@ def write_cascade_saved_model(cascade: CascadeModel, path) -> None:
     import keras
     import tensorflow as tf
 
-    from kerasunet.export import INPUT_NAME, SIGNATURE
+    from kerasunet.export import INPUT_NAME, SIGNATURE, add_lesion_filter_endpoint
 
     image = tf.TensorSpec([None, None, None, serving_channels(cascade)], tf.float32, name=INPUT_NAME)
     spacing = tf.TensorSpec([3], tf.float32, name=SPACING_INPUT)
@@ -565,6 +565,7 @@ def write_cascade_saved_model(cascade: CascadeModel, path) -> None:
     archive.track(cascade.liver_net)
     archive.track(cascade.tumour_net)
     archive.add_endpoint(SIGNATURE, make_cascade_serving_fn(cascade), input_signature=[image, spacing])
+    add_lesion_filter_endpoint(archive, cascade.tumour_info)  # stage 2's own thresholds
     archive.write_out(str(path), verbose=False)
 
 

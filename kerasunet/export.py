@@ -51,11 +51,11 @@ client already batches its windows, and the slice sizes of :class:`BatchingSetti
 fit patches).
 
 The served ``mask`` is not lesion-filtered (the filter runs on per-lesion features of whole
-cases, :mod:`kerasunet.lesion_filter`). A run's own thresholds go with each version
-(``lesion_filter.json``, which ``predict --engine onnx`` of that version applies by default)
-and into ``export.json``'s ``lesion_filter``; ``predict --server ... --lesion-filter
-saved_models/NAME/VERSION/lesion_filter.json`` applies them on the client, which gives a local
-``predict``'s masks.
+cases, :mod:`kerasunet.lesion_filter`). A run's own thresholds are served by one more
+signature, ``lesion_filter`` (:func:`add_lesion_filter_endpoint`; 2D, 3D and cascade exports),
+which ``predict --server`` calls once and applies on the client by default, so its masks are
+a local ``predict``'s. They also go with each version (``lesion_filter.json``, which
+``predict --engine onnx`` of that version applies) and into ``export.json``'s ``lesion_filter``.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ STATS_NAME = "stats"  # 3D exports: the per-patch case statistics input
 SETTINGS_SIGNATURE = "volume_settings"  # 3D exports: the settings a sliding-window client needs
 SETTINGS_OUTPUTS = ("modality", "hu_window", "percentiles", "spacing")
 MODEL_INFO_SIGNATURE = "model_info"  # 2D exports: its output keys name the modality and the channels' structures
+LESION_FILTER_SIGNATURE = "lesion_filter"  # runs with their own lesion filter: its four thresholds
 VOLUME_WARMUP_BATCHES = (1, 2)  # 3D warm-up: one and two patches (predict's default patch_batch_size)
 
 
@@ -250,7 +251,31 @@ def write_saved_model(model, info: RunInfo, path: Path) -> None:
     archive.add_endpoint(SIGNATURE, make_serving_fn(model, info), input_signature=[spec])
     archive.add_endpoint(MODEL_INFO_SIGNATURE, model_info_fn(info),
                          input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
+    add_lesion_filter_endpoint(archive, info)
     archive.write_out(str(path), verbose=False)
+
+
+def add_lesion_filter_endpoint(archive, info: RunInfo) -> None:
+    """Adds the ``lesion_filter`` signature when the run has its own thresholds (module docstring).
+
+    Called (any float32 ``image`` ``[n]``, ignored), it returns each threshold of
+    ``kerasunet.lesion_filter.FEATURES`` as a float32 scalar, so ``predict --server`` applies
+    the run's filter as a local ``predict`` does, without a file.
+    """
+    import tensorflow as tf
+
+    from kerasunet.lesion_filter import FEATURES
+
+    thresholds = run_lesion_filter(info)
+    if thresholds is None:
+        return
+    values = thresholds.to_dict()
+
+    def lesion_filter(image):  # REST and gRPC predict calls need an input
+        return {name: tf.constant(values[name], tf.float32) for name in FEATURES}
+
+    archive.add_endpoint(LESION_FILTER_SIGNATURE, lesion_filter,
+                         input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
 
 
 def model_info_fn(info: RunInfo):
@@ -321,6 +346,7 @@ def write_volume_saved_model(model, info: RunInfo, path: Path) -> None:
                          input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
     archive.add_endpoint(MODEL_INFO_SIGNATURE, model_info_fn(info),  # the structures, as for 2D
                          input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
+    add_lesion_filter_endpoint(archive, info)
     archive.write_out(str(path), verbose=False)
 
 

@@ -396,9 +396,19 @@ def predict_volume_served(served, volume: Volume, settings: PredictSettings = Pr
     """
     from kerasunet.serving_client import predict_probabilities
 
-    _check_servable(settings)
+    settings = served_settings(served, settings)
     probs = predict_probabilities(served, volume.data, settings.batch_size, timeout, spacing=volume.spacing)
     return final_labels(probs, served.outputs, volume.spacing, settings, volume.data), probs
+
+
+def served_settings(served, settings: PredictSettings) -> PredictSettings:
+    """``settings`` for a served model: checked (:func:`_check_servable`), with the lesion filter
+    the client applies: ``settings.lesion_filter``, else the one the export serves (the run's
+    own, ``serving_client.served_lesion_filter``) unless ``settings.run_lesion_filter`` is False."""
+    _check_servable(settings)
+    if settings.lesion_filter is None and settings.run_lesion_filter:
+        return replace(settings, lesion_filter=served.lesion_filter)
+    return settings
 
 
 def predict_volume_served_3d(served, volume: Volume, settings: PredictSettings = PredictSettings(),
@@ -425,7 +435,7 @@ def predict_volume_served_3d(served, volume: Volume, settings: PredictSettings =
     """
     from kerasunet.serving_client import predict_windows, windows_per_request
 
-    _check_servable(settings)
+    settings = served_settings(served, settings)
     return segment_volume_3d(lambda raw, stats: predict_windows(served, raw, stats, timeout), volume, served.norm,
                              served.patch_size, served.spacing, served.outputs, settings,
                              windows_per_request(served, settings.patch_batch_size))

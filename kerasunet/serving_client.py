@@ -50,7 +50,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -58,8 +58,8 @@ from kerasunet.cascade import SPACING_INPUT
 from kerasunet.core.labels import OUTPUTS, STRUCTURES, check_outputs
 from kerasunet.core.preprocessing import MODALITIES, NormSettings
 from kerasunet.core.stacking import stack_slices
-from kerasunet.export import (INPUT_NAME, MODEL_INFO_SIGNATURE, OUTPUT_NAMES, SETTINGS_OUTPUTS,
-                              SETTINGS_SIGNATURE, SIGNATURE, STATS_NAME)
+from kerasunet.export import (INPUT_NAME, LESION_FILTER_SIGNATURE, MODEL_INFO_SIGNATURE, OUTPUT_NAMES,
+                              SETTINGS_OUTPUTS, SETTINGS_SIGNATURE, SIGNATURE, STATS_NAME)
 
 MAX_CASE_VOXELS = 8_000_000
 # Room left in a gRPC message for everything but the tensor bytes (model spec, shape, framing).
@@ -97,6 +97,9 @@ class RemoteModel:
         channel: gRPC: the open channel (closed by :meth:`close`); None for REST.
         served: ``(modality, outputs)`` from the ``model_info`` signature; None for exports
             without it (then both follow from ``num_outputs``).
+        lesion_filter: the run's own ``kerasunet.lesion_filter.LesionFilter``, from the
+            ``lesion_filter`` signature (:func:`served_lesion_filter`); None for exports
+            without one.
     """
 
     url: str
@@ -110,6 +113,7 @@ class RemoteModel:
     channel: object = field(default=None, compare=False, repr=False)
     cascade: bool = False  # a liver-ROI cascade (kerasunet.cascade): one whole case and its spacing per request
     served: tuple[str, tuple[str, ...]] | None = None
+    lesion_filter: object = None
 
     @property
     def context(self) -> int:
@@ -348,11 +352,12 @@ def fetch_model(server: str, model_name: str, version: int | None = None, signat
                           max_message_bytes=limit, channel=channel)
             served = served_structures(where, signatures)
             channels, num_outputs = check_signature(where, signatures, signature, modality, served)
+            model = RemoteModel(channels=channels, num_outputs=num_outputs, served=served, **remote,
+                                cascade=SPACING_INPUT in signatures[signature]["inputs"])
+            return served_lesion_filter(model, signatures, timeout)
         except BaseException:
             channel.close()
             raise
-        return RemoteModel(channels=channels, num_outputs=num_outputs, served=served, **remote,
-                           cascade=SPACING_INPUT in signatures[signature]["inputs"])
     if max_message_bytes is not None:
         raise ValueError(f"Expected max_message_bytes only for a grpc:// server. Received: server={server!r}")
     url = model_url(server, model_name, version, label)
@@ -367,8 +372,29 @@ def fetch_model(server: str, model_name: str, version: int | None = None, signat
     remote = dict(url=url, signature=signature, name=model_name, version=version, label=label)
     served = served_structures(f"{url}/metadata", signatures)
     channels, num_outputs = check_signature(f"{url}/metadata", signatures, signature, modality, served)
-    return RemoteModel(channels=channels, num_outputs=num_outputs, served=served, **remote,
-                       cascade=SPACING_INPUT in signatures[signature]["inputs"])
+    model = RemoteModel(channels=channels, num_outputs=num_outputs, served=served, **remote,
+                        cascade=SPACING_INPUT in signatures[signature]["inputs"])
+    return served_lesion_filter(model, signatures, timeout)
+
+
+def served_lesion_filter(model: RemoteModel, signatures: dict, timeout: float) -> RemoteModel:
+    """``model`` with the thresholds its ``lesion_filter`` signature returns (one call), or as it
+    is when the export has no such signature (a run without its own filter, or an older export).
+
+    Raises:
+        ServingError: the call fails or its answer is not four usable thresholds.
+    """
+    from kerasunet.lesion_filter import FEATURES, LesionFilter
+
+    if LESION_FILTER_SIGNATURE not in signatures:
+        return model
+    values = call_signature(model, LESION_FILTER_SIGNATURE, {INPUT_NAME: np.zeros(1, np.float32)}, FEATURES,
+                            timeout)
+    try:
+        thresholds = LesionFilter(**{name: float(np.asarray(values[name]).reshape(())) for name in FEATURES})
+    except (TypeError, ValueError) as exc:
+        raise ServingError(f"{model.url}: {LESION_FILTER_SIGNATURE}: unusable answer ({exc})") from None
+    return replace(model, lesion_filter=thresholds)
 
 
 def plan_batches(num_slices: int, slice_voxels: int, batch_size: int, model: RemoteModel,
@@ -509,6 +535,10 @@ class RemoteVolumeModel:
     def outputs(self) -> tuple[str, ...]:
         return self.model.outputs
 
+    @property
+    def lesion_filter(self):
+        return self.model.lesion_filter
+
     def close(self) -> None:
         self.model.close()
 
@@ -569,6 +599,7 @@ def fetch_volume_settings(where: str, signatures: dict, signature: str, modality
     served = served_structures(where, signatures)
     patch_size, channels, num_outputs = check_volume_signature(where, signatures, signature, modality, served)
     model = RemoteModel(channels=channels, num_outputs=num_outputs, signature=signature, served=served, **remote)
+    model = served_lesion_filter(model, signatures, timeout)
     values = call_signature(model, SETTINGS_SIGNATURE, {INPUT_NAME: np.zeros(1, np.float32)}, SETTINGS_OUTPUTS,
                             timeout)
     try:

@@ -403,15 +403,37 @@ def test_no_validation_cases_write_no_filter_and_remove_an_old_one(filtered_casc
     assert not (copy / "lesion_filter.json").exists() and run_lesion_filter(resolve_run(copy)) is None
 
 
-def test_export_of_a_cascade_carries_its_lesion_filter(filtered_cascade, tmp_path):
-    """The served mask is unfiltered; the version folder and export.json carry the run's thresholds."""
-    from kerasunet.export import export_model
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_a_served_cascade_applies_its_own_lesion_filter_as_local_predict(filtered_cascade, tmp_path, protocol):
+    """The export serves the run's thresholds (``lesion_filter`` signature); ``predict --server``
+    fetches and applies them by default, so served masks equal local ones with and without."""
+    import nibabel as nib
+    import tensorflow as tf
 
-    _, run, _ = filtered_cascade
-    target = export_model(run, tmp_path / "cascade")
+    from kerasunet.export import export_model
+    from kerasunet.predict import PredictSettings, predict_path, predict_path_served
+    from tests.helpers import GrpcServingDouble, ServingDouble
+
+    root, run, _ = filtered_cascade
     own = json.loads((run / "lesion_filter.json").read_text())
-    assert json.loads((target / "lesion_filter.json").read_text()) == own
+    target = export_model(run, tmp_path / "cascade")
+    assert json.loads((target / "lesion_filter.json").read_text()) == own  # for --engine onnx and people
     assert json.loads((tmp_path / "cascade" / "export.json").read_text())["lesion_filter"] == own
+    assert {k: float(v) for k, v in tf.saved_model.load(str(target)).signatures["lesion_filter"](
+        image=tf.zeros([1])).items()} == pytest.approx(own)
+    volume = root / "lits" / "volume-0.nii"
+    double = GrpcServingDouble if protocol == "grpc" else ServingDouble
+    masks = {}
+    with double(tmp_path / "cascade") as server:
+        for name, settings in (("on", PredictSettings()), ("off", PredictSettings(run_lesion_filter=False))):
+            local = predict_path(run, volume, tmp_path / f"local-{name}", settings, progress=lambda line: None)
+            served = predict_path_served(server.url, "cascade", volume, tmp_path / f"served-{name}", settings,
+                                         progress=lambda line: None)
+            assert not local.failures and not served.failures
+            masks[name] = [np.asarray(nib.load(str(r.written[0])).dataobj) for r in (local, served)]
+    for name in masks:
+        np.testing.assert_array_equal(masks[name][1], masks[name][0])
+    assert (masks["on"][1][FALSE_POSITIVE] == 1).all() and (masks["off"][1][FALSE_POSITIVE] == 2).all()
 
 
 def test_a_whole_slice_run_fits_and_applies_its_own_filter_too(filtered_cascade, tmp_path):
