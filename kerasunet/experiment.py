@@ -592,7 +592,10 @@ def _report_text(table, repeats, runs, results, ct, ct_eval, mri_evals, historie
 
     lines = ["# CT → MRI transfer experiment", "",
              f"{repeats} repeat(s) per MRI model, total time {seconds / 60:.1f} min.", "",
-             "## Settings", "", "Training settings as recorded in each run's `runs/*/config.json`.", "",
+             "## Settings", "", "Training settings as recorded in each run's `runs/*/config.json`. Test masks are "
+             "post-processed and filtered by each run's own lesion filter (`runs/*/lesion_filter.json`), "
+             "as `kerasunet evaluate` does by default; `eval/*/report.md` gives lesion precision and "
+             "recall before and after it.", "",
              table, "",
              "## What this shows", "", what_this_shows(results, repeats, histories), "",
              "## Learning curves", "",
