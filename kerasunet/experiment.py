@@ -370,8 +370,8 @@ def _build(source: Path, dataset: str, out: Path, settings: ExperimentSettings, 
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     counts = ", ".join(f"{split} {len(v['cases'])} cases / {v['num_examples']} slices"
                        for split, v in manifest["splits"].items())
-    progress(f"{dataset}: {counts}; skipped {len(manifest['skipped'])}: "
-             + "; ".join(f"{s['case_id']} ({s['reason']})" for s in manifest["skipped"]))
+    skipped = "; ".join(f"{s['case_id']} ({s['reason']})" for s in manifest["skipped"])
+    progress(f"{dataset}: {counts}; skipped {len(manifest['skipped'])}" + (f": {skipped}" if skipped else ""))
     return Step(out, file_sha256(out / MANIFEST_FILE))
 
 
