@@ -266,6 +266,7 @@ def main(argv=None) -> dict:
     b_model, b_stats = train_baseline(records, args.size, args.filters, k_stats["cpu_s"], args.seed)
     b_wall = time.perf_counter() - wall
     b_info = RunInfo(out / "baseline.keras", {**info.config, "model": {**info.config["model"], "depth": 4}})
+    b_model.save(b_info.model_path)  # kept, so later scoring on more held-out phantoms can include it
     results = {"kerasunet": scores(k_pred := segment(k_model, info, test_cases)),
                "baseline": scores(segment(b_model, b_info, test_cases))}
     results["kerasunet"] |= k_stats
