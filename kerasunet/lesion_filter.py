@@ -284,7 +284,7 @@ def fit_on_cases(model, info, cases, settings=None, max_recall_loss: float = 0.0
         cases: ``kerasunet.core.cases.CaseFiles`` with labels.
         settings: the ``PredictSettings`` to segment with (default ``PredictSettings()``).
         max_recall_loss: as :func:`fit_lesion_filter`.
-        progress: receives a line per skipped case.
+        progress: receives a line per case (its predicted and true lesions, or why it was skipped).
 
     Returns:
         ``(thresholds, candidates, n_truth)``: the thresholds, the predicted lesions they
@@ -298,16 +298,17 @@ def fit_on_cases(model, info, cases, settings=None, max_recall_loss: float = 0.0
     settings = replace(settings or PredictSettings(), lesion_filter=None, run_lesion_filter=False)
     outputs = info.mask_outputs
     candidates, n_truth = [], 0
-    for case in cases:
+    for i, case in enumerate(cases, 1):
         try:
             volume, truth = load_case(case, outputs)
         except CaseError as exc:
-            progress(f"lesion filter: {case.case_id} skipped: {exc}")
+            progress(f"lesion filter: [{i}/{len(cases)}] {case.case_id} skipped: {exc}")
             continue
         labels, probs = predict_volume(model, info, volume, settings)
         found, n = case_candidates(labels, probs[..., list(outputs).index("tumour")], volume.data, volume.spacing,
                                    truth, case.case_id, outputs)
         candidates, n_truth = candidates + found, n_truth + n
+        progress(f"lesion filter: [{i}/{len(cases)}] {case.case_id}: {len(found)} predicted lesion(s), {n} true")
     return fit_lesion_filter(candidates, n_truth, max_recall_loss), candidates, n_truth
 
 
@@ -372,7 +373,7 @@ def fit_run_lesion_filter(run_dir, records_dir, progress=print) -> LesionFilter 
     Args:
         run_dir: the run folder (best.keras chosen).
         records_dir: the records it was trained on; the manifest lists the cases' volumes.
-        progress: receives the one line of the outcome (and one per unreadable case).
+        progress: receives a line per validation case (:func:`fit_on_cases`) and one of the outcome.
 
     Returns:
         The thresholds written, or None.

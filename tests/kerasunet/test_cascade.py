@@ -1,6 +1,7 @@
 """kerasunet.cascade: the ROI geometry (numpy and TensorFlow twins), both stages, and a run's own lesion filter."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -378,7 +379,8 @@ def masks_with_and_without_filter(run, volume, out) -> dict:
 
 def test_fitted_filter_is_written_to_the_run_and_drops_the_false_positive_by_default(filtered_cascade, tmp_path):
     root, run, lines = filtered_cascade
-    assert len(lines) == 1 and "2 predicted lesion(s) of 1 validation case(s)" in lines[0], lines
+    assert re.fullmatch(r"lesion filter: \[1/1\] volume-\d: 2 predicted lesion\(s\), 1 true", lines[0]), lines
+    assert len(lines) == 2 and "fitted on 2 predicted lesion(s) of 1 validation case(s)" in lines[1], lines
     thresholds = json.loads((run / "lesion_filter.json").read_text())
     voxel_mm3 = float(np.prod(SPACING))
     assert 12 * voxel_mm3 < thresholds["volume_mm3"] < 32 * voxel_mm3
@@ -446,7 +448,7 @@ def test_a_whole_slice_run_fits_and_applies_its_own_filter_too(filtered_cascade,
     run = write_run(tmp_path / "whole", threshold_model())
     lines = []
     assert fit_run_lesion_filter(run, root / "records", lines.append) is not None
-    assert len(lines) == 1 and "2 predicted lesion(s) of 1 validation case(s) (1 true)" in lines[0], lines
+    assert len(lines) == 2 and "2 predicted lesion(s) of 1 validation case(s) (1 true)" in lines[1], lines
     masks = masks_with_and_without_filter(run, root / "lits" / "volume-0.nii", tmp_path)
     assert (masks["off"][FALSE_POSITIVE] == 2).all() and (masks["default"][FALSE_POSITIVE] == 1).all()
     assert (masks["default"][10:14, 9:13, 3:5] == 2).all()
