@@ -285,8 +285,6 @@ def test_train_stage_tumour_writes_a_cascade_run_that_predicts_0_1_2(roi_records
                                                     r"\(its outputs are \['tumour'\]\)"),
 ])
 def test_bad_cascade_options_are_one_line(roi_records, tmp_path, args, message):
-    import re
-
     from tests.helpers import threshold_model, write_run
 
     write_run(tmp_path / "MRI", threshold_model(modality="mri"), "mri")
@@ -456,7 +454,6 @@ def test_a_whole_slice_run_fits_and_applies_its_own_filter_too(filtered_cascade,
 
 @pytest.mark.parametrize("own", [False, True])
 def test_a_bad_lesion_filter_file_is_one_line(filtered_cascade, tmp_path, own):
-    import re
     import shutil
 
     root, run, _ = filtered_cascade
