@@ -264,8 +264,9 @@ def test_train_stage_tumour_writes_a_cascade_run_that_predicts_0_1_2(roi_records
     assert config["cascade"] == {"liver_model": str(liver.resolve()), "roi_size": [16, 16], "margin_mm": MARGIN_MM}
     # the lesion filter was fitted on the validation case: written, or one line says why not
     fitted = [line for line in result.output.splitlines() if line.startswith("lesion filter: ")]
-    assert len(fitted) == 1 and "1 validation case(s)" in fitted[0], result.output
-    assert (tmp_path / "tumour" / "lesion_filter.json").exists() == fitted[0].endswith("lesion_filter.json")
+    assert len(fitted) == 2 and fitted[0].startswith("lesion filter: [1/1] "), result.output  # the case, then the outcome
+    assert "1 validation case(s)" in fitted[1] or "of 1;" in fitted[1], result.output
+    assert (tmp_path / "tumour" / "lesion_filter.json").exists() == fitted[1].endswith("lesion_filter.json")
     result = invoke("predict", "--model", tmp_path / "tumour", "--input", roi_records / "lits" / "volume-1.nii",
                     "--output", tmp_path / "mask.nii.gz")
     assert result.exit_code == 0, result.output
