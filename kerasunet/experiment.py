@@ -107,7 +107,7 @@ PRESETS = {
     "paper": Preset(ct_epochs=5, ct_batch_size=10, ct_lr=1e-4, mri_epochs=8, mri_batch_size=18,
                     mri_lr=5e-4, loss="bce", filters=32, depth=4, repeats=3, augment=False,
                     oversample_tumour=0.0, ablation_losses=("bce_dice",)),
-    # Sized for 2 CPU cores and 64x64 phantoms (make demo: 8 minutes in the first round, 15 or more since): a smaller network
+    # Sized for 2 CPU cores and 64x64 phantoms (make demo: about 15 minutes on an idle 2-core machine): a smaller network
     # and more epochs; augmentation and tumour oversampling because there are few cases.
     "small": Preset(ct_epochs=30, ct_batch_size=16, ct_lr=2e-3, mri_epochs=16, mri_batch_size=16,
                     mri_lr=2e-3, loss="bce_dice", filters=16, depth=3, repeats=2, augment=True,
