@@ -67,6 +67,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from kerasunet import __version__
 from kerasunet.core.atomic import atomic_path, write_json
 from kerasunet.core.labels import label_values
@@ -249,49 +251,42 @@ def write_saved_model(model, info: RunInfo, path: Path) -> None:
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(SIGNATURE, make_serving_fn(model, info), input_signature=[spec])
-    archive.add_endpoint(MODEL_INFO_SIGNATURE, model_info_fn(info),
-                         input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
+    add_constant_endpoint(archive, MODEL_INFO_SIGNATURE, model_info_constants(info))
     add_lesion_filter_endpoint(archive, info)
     archive.write_out(str(path), verbose=False)
 
 
+def add_constant_endpoint(archive, name: str, constants: dict) -> None:
+    """Adds signature ``name``, which returns ``constants`` (numpy values; their dtypes are the
+    outputs') whatever it is given: its float32 ``image`` ``[n]`` input is ignored, and is there
+    because REST and gRPC predict calls need one (``model_info``, ``volume_settings``,
+    ``lesion_filter``)."""
+    import tensorflow as tf
+
+    def endpoint(image):
+        return {key: tf.constant(value) for key, value in constants.items()}
+
+    archive.add_endpoint(name, endpoint, input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
+
+
 def add_lesion_filter_endpoint(archive, info: RunInfo) -> None:
-    """Adds the ``lesion_filter`` signature when the run has its own thresholds (module docstring).
-
-    Called (any float32 ``image`` ``[n]``, ignored), it returns each threshold of
-    ``kerasunet.lesion_filter.FEATURES`` as a float32 scalar, so ``predict --server`` applies
-    the run's filter as a local ``predict`` does, without a file.
-    """
-    import tensorflow as tf
-
-    from kerasunet.lesion_filter import FEATURES
-
+    """Adds the ``lesion_filter`` signature when the run has its own thresholds (module docstring):
+    each threshold of ``kerasunet.lesion_filter.FEATURES`` as a float32 scalar, so
+    ``predict --server`` applies the run's filter as a local ``predict`` does, without a file."""
     thresholds = run_lesion_filter(info)
-    if thresholds is None:
-        return
-    values = thresholds.to_dict()
-
-    def lesion_filter(image):  # REST and gRPC predict calls need an input
-        return {name: tf.constant(values[name], tf.float32) for name in FEATURES}
-
-    archive.add_endpoint(LESION_FILTER_SIGNATURE, lesion_filter,
-                         input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
+    if thresholds is not None:
+        add_constant_endpoint(archive, LESION_FILTER_SIGNATURE,
+                              {name: np.float32(value) for name, value in thresholds.to_dict().items()})
 
 
-def model_info_fn(info: RunInfo):
-    """The ``model_info`` signature's function (module docstring); its input is ignored."""
-    import tensorflow as tf
-
+def model_info_constants(info: RunInfo) -> dict:
+    """The ``model_info`` signature's outputs (module docstring): int32 scalars keyed by the
+    modality (its index in ``MODALITIES``) and by each structure (its channel)."""
     from kerasunet.core.labels import check_outputs
     from kerasunet.core.preprocessing import MODALITIES
 
-    values = {info.modality: MODALITIES.index(info.modality),
-              **{name: channel for channel, name in enumerate(check_outputs(info.outputs))}}
-
-    def model_info(image):  # REST and gRPC predict calls need an input
-        return {key: tf.constant(value, tf.int32) for key, value in values.items()}
-
-    return model_info
+    return {info.modality: np.int32(MODALITIES.index(info.modality)),
+            **{name: np.int32(channel) for channel, name in enumerate(check_outputs(info.outputs))}}
 
 
 def make_volume_serving_fn(model, info: RunInfo):
@@ -334,18 +329,13 @@ def write_volume_saved_model(model, info: RunInfo, path: Path) -> None:
     image = tf.TensorSpec([None, *info.patch_size, info.input_channels], tf.float32, name=INPUT_NAME)
     stats = tf.TensorSpec([None, 4], tf.float32, name=STATS_NAME)
     values = volume_settings(info)
-
-    def settings(image):  # the input is ignored: REST and gRPC predict calls need one
-        return {"modality": tf.constant(values["modality"], tf.int32),
-                **{k: tf.constant(values[k], tf.float64) for k in ("hu_window", "percentiles", "spacing")}}
-
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(SIGNATURE, make_volume_serving_fn(model, info), input_signature=[image, stats])
-    archive.add_endpoint(SETTINGS_SIGNATURE, settings,
-                         input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
-    archive.add_endpoint(MODEL_INFO_SIGNATURE, model_info_fn(info),  # the structures, as for 2D
-                         input_signature=[tf.TensorSpec([None], tf.float32, name=INPUT_NAME)])
+    add_constant_endpoint(archive, SETTINGS_SIGNATURE, {
+        "modality": np.int32(values["modality"]),
+        **{k: np.asarray(values[k], np.float64) for k in ("hu_window", "percentiles", "spacing")}})
+    add_constant_endpoint(archive, MODEL_INFO_SIGNATURE, model_info_constants(info))  # the structures, as for 2D
     add_lesion_filter_endpoint(archive, info)
     archive.write_out(str(path), verbose=False)
 
