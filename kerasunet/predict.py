@@ -269,15 +269,21 @@ def predict_volume(model, info: RunInfo, volume: Volume, settings: PredictSettin
 
 
 def applied_lesion_filter(info: RunInfo, settings: PredictSettings):
-    """The lesion filter :func:`predict_volume` applies with the run ``info``:
-    ``settings.lesion_filter``, else the run's own (its ``lesion_filter.json``,
-    :func:`kerasunet.lesion_filter.run_lesion_filter`) unless ``settings.run_lesion_filter`` is
-    False; None keeps every lesion."""
-    if settings.lesion_filter is not None or not settings.run_lesion_filter:
-        return settings.lesion_filter
+    """The lesion filter :func:`predict_volume` applies with the run ``info``
+    (:func:`given_or_own`; the run's own is its ``lesion_filter.json``,
+    :func:`kerasunet.lesion_filter.run_lesion_filter`)."""
     from kerasunet.lesion_filter import run_lesion_filter
 
-    return run_lesion_filter(info)
+    return given_or_own(settings, lambda: run_lesion_filter(info))
+
+
+def given_or_own(settings: PredictSettings, own):
+    """The lesion filter that applies, locally or to a served model: ``settings.lesion_filter``
+    (``--lesion-filter``), else ``own()``, the model's own thresholds, unless
+    ``settings.run_lesion_filter`` is False (``--no-lesion-filter``); None keeps every lesion."""
+    if settings.lesion_filter is not None or not settings.run_lesion_filter:
+        return settings.lesion_filter
+    return own()
 
 
 def volume_probabilities(model, info: RunInfo, volume: Volume, settings: PredictSettings) -> np.ndarray:
@@ -403,12 +409,10 @@ def predict_volume_served(served, volume: Volume, settings: PredictSettings = Pr
 
 def served_settings(served, settings: PredictSettings) -> PredictSettings:
     """``settings`` for a served model: checked (:func:`_check_servable`), with the lesion filter
-    the client applies: ``settings.lesion_filter``, else the one the export serves (the run's
-    own, ``serving_client.served_lesion_filter``) unless ``settings.run_lesion_filter`` is False."""
+    the client applies (:func:`given_or_own`; the model's own is the one its export serves,
+    ``serving_client.served_lesion_filter``)."""
     _check_servable(settings)
-    if settings.lesion_filter is None and settings.run_lesion_filter:
-        return replace(settings, lesion_filter=served.lesion_filter)
-    return settings
+    return replace(settings, lesion_filter=given_or_own(settings, lambda: served.lesion_filter))
 
 
 def predict_volume_served_3d(served, volume: Volume, settings: PredictSettings = PredictSettings(),
