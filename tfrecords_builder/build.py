@@ -307,8 +307,11 @@ def _finished_build(out: Path, settings: BuildSettings, log) -> dict | None:
 
 
 def _load_state(out: Path, settings: BuildSettings, log) -> dict:
-    """The build state to resume from (a fresh one if none); removes stray and partial shards."""
-    out.mkdir(parents=True, exist_ok=True)
+    """The build state to resume from (a fresh one if none); removes stray and partial shards.
+
+    ``out`` is not created here: the first write (the state file after validating the cases)
+    creates it, so a source that fails validation leaves no empty output folder behind.
+    """
     path, state = out / STATE_FILE, None
     if path.exists() and not settings.overwrite:
         state = read_build_json(path, Path.read_text)
@@ -319,7 +322,7 @@ def _load_state(out: Path, settings: BuildSettings, log) -> dict:
         if not all((out / s["file"]).exists() for s in entry["shards"]):
             del state["completed"][split]
     keep = {s["file"] for entry in state["completed"].values() for s in entry["shards"]}
-    for p in out.iterdir():
+    for p in out.iterdir() if out.is_dir() else ():
         if p.is_dir() and p.name.startswith(TEMP_PREFIX):  # left by a killed Beam build
             shutil.rmtree(p)
         elif p.is_file() and (p.name.startswith(TEMP_PREFIX) or (SHARD_RE.match(p.name) and p.name not in keep)):

@@ -88,4 +88,4 @@ def test_user_errors_in_a_real_process_are_one_line(args, match, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_cli(*args, cwd=tmp_path)
     assert_one_line_error(proc, match)
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out").exists()  # nothing written, not even an empty output folder
