@@ -5,7 +5,8 @@ One run does everything, in ``--out`` (a temporary folder by default):
 1. ``kerasunet.synth`` CT phantoms at ``--size`` with a seed the tests do not use
    (``--seed``, default 1234): ``--train-cases`` for training, ``--test-cases`` held out.
 2. Records of the training cases with ``build-records`` defaults except the test split
-   (``test_fraction=0``: the held-out phantoms are the test set), so 20 % of them validate.
+   (``test_fraction=0``: the held-out phantoms are the test set), so 20 % of them validate;
+   ``--context K`` overrides the 2.5D context.
 3. kerasunet ``train`` with its defaults apart from ``--filters`` and ``--image-size`` (as the
    issue's run), for as many epochs as fit the budget: a two-epoch calibration run (not
    counted) gives the CPU time of an epoch (the second) and of what a run does once.
@@ -18,6 +19,8 @@ One run does everything, in ``--out`` (a temporary folder by default):
    precision. kerasunet's row is what ``predict`` gives by default: with the lesion filter
    the run fitted on its validation cases at the end of training (its
    ``lesion_filter.json``, :mod:`kerasunet.lesion_filter`); a second row shows it without.
+   25 held-out phantoms by default (the issue's run had 5, too few to separate two models), and
+   a paired bootstrap interval of the per-case Dice differences (:mod:`kerasunet.compare`).
 6. The liver-ROI cascade (:mod:`kerasunet.cascade`) within the same budget: stage 1 a kerasunet
    run for ``--stage1-share`` of it, stage 2 ``train --stage tumour --liver-model`` with its
    defaults (``--roi-size`` the phantoms' size, 10 mm margin) for the rest; scored as above,
@@ -93,7 +96,8 @@ def bce_dice(y_true, y_pred):
 
 
 def train_baseline(records: Path, size: int, filters: int, cpu_budget: float, seed: int):
-    """Trains :func:`plain_unet` on every slice of the records (train and val) until the budget is spent."""
+    """Trains :func:`plain_unet` on every slice of the records (train and val), the centre slice of
+    each, until the budget is spent."""
     import keras
 
     from kerasunet.core.labels import OUTPUTS, targets_from_labels_np
@@ -108,6 +112,8 @@ def train_baseline(records: Path, size: int, filters: int, cpu_budget: float, se
             xs.append(x)
             ys.append(targets_from_labels_np(labels, OUTPUTS[manifest["modality"]]))
     x, y = np.concatenate(xs), np.concatenate(ys)
+    centre = x.shape[-1] // 2  # the script is single-slice: 2.5D records give it their centre slice
+    x = x[..., centre:centre + 1]
     keras.utils.set_random_seed(seed)
     model = plain_unet(x.shape[-1], y.shape[-1], filters)
     model.compile(keras.optimizers.Adam(BASELINE_LR), bce_dice)
@@ -193,7 +199,8 @@ def scores(predictions) -> dict:
     return {"liver_dice": s["liver"]["dice_per_case"], "tumour_dice": t["dice_per_case"],
             "lesion_recall": t["lesion_recall"], "lesion_precision": t["lesion_precision"],
             "lesion_recall_gt0": t["lesion_recall_gt0"], "lesion_precision_gt0": t["lesion_precision_gt0"],
-            "true_lesions": t["truth_lesions"], "pred_lesions": t["pred_lesions"]}
+            "true_lesions": t["truth_lesions"], "pred_lesions": t["pred_lesions"],
+            "cases": {p[0]: {s: m[s]["dice"] for s in ("liver", "tumour")} for p, m in zip(predictions, per_case)}}
 
 
 def own_filter_effect(info, predictions) -> dict:
@@ -234,8 +241,9 @@ def make_data(out: Path, args) -> tuple[Path, list]:
                 if not link.exists():
                     link.symlink_to(out / "phantoms" / f"{stem}-{i}.nii")
     records = out / "records"
+    context = {} if args.context is None else {"context": args.context}  # default: build-records'
     build_records(BuildSettings(source=str(out / "train"), dataset="lits", out=str(records), test_fraction=0.0,
-                                workers=1))
+                                workers=1, **context))
     return records, find_cases(out / "test")[1]
 
 
@@ -246,7 +254,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--filters", type=int, default=16)
     parser.add_argument("--train-cases", type=int, default=10)
-    parser.add_argument("--test-cases", type=int, default=5)
+    parser.add_argument("--test-cases", type=int, default=25,
+                        help="Held-out phantoms (the issue's run had 5; 25 separate the models better).")
+    parser.add_argument("--context", type=int, default=None,
+                        help="2.5D context K of the records [build-records' default]; the baseline "
+                             "always gets the centre slice.")
     parser.add_argument("--stage1-share", type=float, default=0.6,
                         help="The cascade's stage-1 share of its budget; stage 2 gets the rest.")
     parser.add_argument("--out", type=Path, default=None, help="Work folder [a temporary one].")
@@ -265,7 +277,8 @@ def main(argv=None) -> dict:
     wall = time.perf_counter()
     b_model, b_stats = train_baseline(records, args.size, args.filters, k_stats["cpu_s"], args.seed)
     b_wall = time.perf_counter() - wall
-    b_info = RunInfo(out / "baseline.keras", {**info.config, "model": {**info.config["model"], "depth": 4}})
+    b_info = RunInfo(out / "baseline.keras", {**info.config, "data": {**info.config["data"], "context": 0},
+                                              "model": {**info.config["model"], "depth": 4, "input_channels": 1}})
     b_model.save(b_info.model_path)  # kept, so later scoring on more held-out phantoms can include it
     results = {"kerasunet": scores(k_pred := segment(k_model, info, test_cases)),
                "baseline": scores(segment(b_model, b_info, test_cases))}
@@ -316,10 +329,28 @@ def report(results: dict, args) -> None:
     print(f"lesion filters (each run's lesion_filter.json): kerasunet {results['lesion_filter']['thresholds']}, "
           f"cascade {results['cascade_lesion_filter']['thresholds']}")
     print(f"cascade: stage 1 {args.stage1_share:.0%} of the budget, stage 2 the rest")
+    for line in paired_lines(results):
+        print(line)
     base = results["baseline"]["tumour_dice"]
     for name, key in (("kerasunet defaults", "lesion_filter"), ("cascade", "cascade_lesion_filter")):
         ratio = results[key]["after"]["tumour_dice"] / base if base > 0 else math.inf
         print(f"tumour Dice ratio {name} / baseline: {ratio:.2f}")
+
+
+def paired_lines(results: dict) -> list[str]:
+    """Paired bootstrap intervals of the per-case Dice differences (:mod:`kerasunet.compare`):
+    the defaults against the baseline, and the cascade against the defaults."""
+    from kerasunet.compare import compare_pair
+
+    arms = {"kerasunet": results["lesion_filter"]["after"]["cases"], "baseline": results["baseline"]["cases"],
+            "cascade": results["cascade_lesion_filter"]["after"]["cases"]}
+    lines = []
+    for first, second in (("kerasunet", "baseline"), ("cascade", "kerasunet")):
+        for structure in ("liver", "tumour"):
+            per_case = [{case: d[structure] for case, d in arms[name].items()} for name in (first, second)]
+            if len(per_case[0]) >= 2:
+                lines.append(f"{structure} Dice/case, " + compare_pair(first, per_case[0], second, per_case[1]).describe())
+    return lines
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 import click
 
 from kerasunet.core.cases import LAYOUTS
-from kerasunet.core.records_format import DEFAULT_WORKERS, ENGINES
+from kerasunet.core.records_format import DEFAULT_CONTEXT, DEFAULT_WORKERS, ENGINES
 
 
 def _pair(ctx, param, value):
@@ -89,8 +89,9 @@ def _echo_summary(manifest: dict) -> None:
 @click.option("--test-cases", callback=_names, help="Comma-separated test cases (instead of fractions).")
 @click.option("--holdout", type=click.Choice(["random", "last"]), default="random", show_default=True,
               help="'last': the last cases (natural order) are test, the ones before them val.")
-@click.option("--context", default=0, show_default=True, type=click.IntRange(min=0),
-              help="K slices on each side as extra channels (2.5D).")
+@click.option("--context", default=None, type=click.IntRange(min=0),
+              help=f"K slices on each side as extra channels (2.5D; 0: single slices) "
+                   f"[default: {DEFAULT_CONTEXT}; 0 with --volumes].")
 @click.option("--liver-slices", default=30, show_default=True, type=click.IntRange(min=0),
               help="Per case, at most this many slices with liver (MRI: with tumour).")
 @click.option("--non-liver-slices", default=20, show_default=True, type=click.IntRange(min=0),

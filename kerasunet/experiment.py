@@ -177,9 +177,10 @@ ARMS = {"2": Arm("2D", 2), "2.5": Arm("2.5D", 2, context=2), "3": Arm("3D", 3)}
 
 
 def arm_build_options(arm: Arm | None) -> dict:
-    """``BuildSettings`` fields of an arm; none for the plain experiment (2D, context 0)."""
+    """``BuildSettings`` fields of an arm; the plain experiment is the research's 2D (context 0,
+    not ``build-records``' 2.5D default)."""
     if arm is None:
-        return {}
+        return {"context": 0}
     return {"volumes": True} if arm.dims == 3 else {"context": arm.context}
 
 

@@ -109,9 +109,15 @@ def transfer_weights(model: keras.Model, source: keras.Model, source_label: str 
         ``{layer_name: "copied" | "head columns [1]"}`` for every layer with weights.
 
     Raises:
-        ValueError: a layer is missing on either side, its weight shapes differ, or the new
-            head has a structure the pretrained one lacks.
+        ValueError: the input channels (the records' 2.5D context) differ, a layer is missing
+            on either side, its weight shapes differ, or the new head has a structure the
+            pretrained one lacks.
     """
+    given, wanted = source.inputs[0].shape[-1], model.inputs[0].shape[-1]
+    if given != wanted:  # the records' 2.5D context, the commonest mismatch: say so plainly
+        raise ValueError(f"{source_label}: the pretrained model takes {given} input channels (2.5D context "
+                         f"{(given - 1) // 2}), the new one {wanted} (context {(wanted - 1) // 2}); build the "
+                         f"records with --context {(given - 1) // 2}")
     source_layers = {layer.name: layer for layer in source.layers if layer.weights}
     target_names = {layer.name for layer in model.layers if layer.weights}
     report = {}

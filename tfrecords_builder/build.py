@@ -43,7 +43,8 @@ from kerasunet.core.cases import (CASE_ENTRY_KEYS, LAYOUTS, case_from_entry, dat
 from kerasunet.core.fingerprint import changed_settings, hash_settings
 from kerasunet.core.nifti import VolumeError
 from kerasunet.core.preprocessing import NormSettings
-from kerasunet.core.records_format import DEFAULT_WORKERS, ENGINES, MANIFEST_FILE, SHARD_RE, TEMP_PREFIX
+from kerasunet.core.records_format import (DEFAULT_CONTEXT, DEFAULT_WORKERS, ENGINES, MANIFEST_FILE, SHARD_RE,
+                                           TEMP_PREFIX)
 from tfrecords_builder.features import FEATURES, example_key, slice_example
 from tfrecords_builder.ingest import CaseTask, extract_slices, inspect_case
 from tfrecords_builder.selection import SelectionSettings
@@ -81,7 +82,8 @@ class BuildSettings:
         test_cases: explicit test cases.
         holdout: "random" (seeded) or "last" (the last cases in natural order are test,
             the ones before them val, as the original research did).
-        context: K slices on each side as extra channels (2.5D input, C = 2K + 1).
+        context: K slices on each side as extra channels (2.5D input, C = 2K + 1); None is
+            :data:`DEFAULT_CONTEXT` for slices and 0 for ``volumes``.
         liver_slices: per case, at most this many slices with foreground (liver for CT).
         non_liver_slices: per case, at most this many slices without, next to the liver.
         all_slices: keep every slice; None means the dataset default (CT no, MRI yes).
@@ -112,7 +114,7 @@ class BuildSettings:
     val_cases: tuple[str, ...] = ()
     test_cases: tuple[str, ...] = ()
     holdout: str = "random"
-    context: int = 0
+    context: int | None = None
     liver_slices: int = 30
     non_liver_slices: int = 20
     all_slices: bool | None = None
@@ -135,6 +137,8 @@ class BuildSettings:
             object.__setattr__(self, name, tuple(cast(v) for v in getattr(self, name)))
         object.__setattr__(self, "shard_mb", float(self.shard_mb))
         object.__setattr__(self, "crop_margin_mm", float(self.crop_margin_mm))
+        if self.context is None:  # a volume holds its neighbouring slices itself
+            object.__setattr__(self, "context", 0 if self.volumes else DEFAULT_CONTEXT)
         if self.spacing is not None:
             object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
         _check(self.dataset in LAYOUTS, f"dataset in {tuple(LAYOUTS)}", "dataset", self.dataset)

@@ -19,6 +19,10 @@ TEMP_PREFIX = ".tmp-"
 # one case in memory (a LiTS CT can be ~1 GB as float32), so it is a small fixed number
 # rather than the CPU count.
 DEFAULT_WORKERS = 4
+# 2.5D context K of slice records (`build-records --context`): K neighbouring slices on each
+# side become channels (2K + 1). 2 is what the held-out phantoms of docs/quality.md favour at
+# the same CPU budget; a volume build (`--volumes`) has 0.
+DEFAULT_CONTEXT = 2
 # Build engines (`build-records --engine`); the manifest's "engine" names the one that built it.
 ENGINES = ("local", "beam")
 

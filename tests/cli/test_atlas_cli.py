@@ -10,6 +10,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from cli.main import main
+from kerasunet.core.records_format import DEFAULT_CONTEXT
 from tests.helpers import write_unet_run
 
 
@@ -26,7 +27,7 @@ def test_atlas_trains_liver_and_tumour_from_the_whole_ct_head(layout_phantoms, t
     manifest = json.loads((tmp_path / "records" / "manifest.json").read_text())
     assert (manifest["modality"], manifest["outputs"]) == ("mri", ["liver", "tumour"])
 
-    ct = write_unet_run(tmp_path / "ct", "ct", context=0, seed=3)
+    ct = write_unet_run(tmp_path / "ct", "ct", context=DEFAULT_CONTEXT, seed=3)
     invoke("train", "--records", tmp_path / "records", "--out", tmp_path / "mri", "--mode", "freeze",
            "--pretrained", ct, "--freeze-blocks", "2", "--filters", "4", "--depth", "2", "--epochs", "1",
            "--steps-per-epoch", "2", "--batch-size", "2", "--no-augment", "--mixed-precision", "off")
@@ -63,7 +64,7 @@ def test_atlas_cascade_transfers_both_stages_from_a_ct_cascade(layout_phantoms, 
     for name, source in (("ct_records", layout_phantoms / "lits"), ("mri_records", atlas)):
         invoke("build-records", "--input", source, "--out", tmp_path / name, "--workers", "1",
                "--val-fraction", "0.25", "--test-fraction", "0")
-    ct_liver = write_unet_run(tmp_path / "ct_liver", "ct", context=0, seed=3)
+    ct_liver = write_unet_run(tmp_path / "ct_liver", "ct", context=DEFAULT_CONTEXT, seed=3)
     invoke("train", "--records", tmp_path / "ct_records", "--out", tmp_path / "ct_tumour", *stage_2,
            "--liver-model", ct_liver, *tiny)
     invoke("train", "--records", tmp_path / "mri_records", "--out", tmp_path / "mri_liver", "--mode", "init",

@@ -37,15 +37,19 @@ def test_init_without_pretrained(tmp_path):
 
 
 def test_mismatched_pretrained(records, tmp_path):
+    from kerasunet.data import read_manifest
     from kerasunet.model import build_unet
 
-    build_unet((None, None, 3), 2, filters=4, depth=2).save(tmp_path / "ct.keras")
+    channels = read_manifest(records)["channels"] + 2  # another context than the records'
+    build_unet((None, None, channels), 2, filters=4, depth=2).save(tmp_path / "ct.keras")
     result = run("--records", records, "--out", tmp_path / "run", "--mode", "freeze",
                  "--pretrained", tmp_path / "ct.keras", *TINY)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     last = result.output.splitlines()[-1]
-    assert last.startswith(f"Error: {tmp_path / 'ct.keras'}: architecture does not match the new model; "
-                           "first mismatching layer 'encoder_1_conv_a'")
+    given = channels - 2
+    assert last == (f"Error: {tmp_path / 'ct.keras'}: the pretrained model takes {channels} input channels "
+                    f"(2.5D context {(channels - 1) // 2}), the new one {given} (context {(given - 1) // 2}); "
+                    f"build the records with --context {(channels - 1) // 2}")
     assert not (tmp_path / "run").exists()  # nothing written: the same --out works once fixed
 
 

@@ -322,7 +322,7 @@ def test_stage_2_examples_are_the_cases_liver_box_not_the_slices(tmp_path):
     assert len(labels) == 8  # slices 2..9 of 12
     expected = expected_ct_labels(hu)[4:24, 2:22, 2:10]
     np.testing.assert_array_equal(labels, np.moveaxis(expected, 2, 0))
-    assert images.shape == (8, 20, 20, 1)
+    assert images.shape == (8, 20, 20, manifest["channels"])
 
 
 # --- the cascade's own lesion filter ----------------------------------------------------------

@@ -69,7 +69,8 @@ def test_run_folder_holds_the_contract(learned, ct_records):
         [h["val_loss"] for h in result.history], rel=1e-6)
     assert set(tensorboard_scalars(run / "logs" / "train")) >= {"loss", "dice_liver", "iou_tumour", "lr"}
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == {"input_channels": 1, "num_outputs": 2, "outputs": ["liver", "tumour"], "filters": 4, "depth": 2, "dropout": 0.0}
+    channels = json.loads((ct_records / "manifest.json").read_text())["channels"]
+    assert config["model"] == {"input_channels": channels, "num_outputs": 2, "outputs": ["liver", "tumour"], "filters": 4, "depth": 2, "dropout": 0.0}
     assert set(config["data"]) == {"modality", "context", "norm", "image_size", "records", "manifest_sha256"}
     assert config["data"]["modality"] == "ct" and config["data"]["image_size"] == [32, 32]
     import hashlib
@@ -249,7 +250,8 @@ def test_freeze_keeps_first_blocks_bit_identical_and_trains_the_rest(mri_records
     from kerasunet.model import build_unet
 
     keras.utils.set_random_seed(1)
-    pretrained = build_unet((None, None, 1), 2, filters=4, depth=2)
+    channels = json.loads((mri_records / "manifest.json").read_text())["channels"]
+    pretrained = build_unet((None, None, channels), 2, filters=4, depth=2)
     pretrained.save(tmp_path / "ct.keras")
     settings = TrainSettings(records=str(mri_records), out=str(tmp_path / "run"), mode="freeze",
                              pretrained=str(tmp_path / "ct.keras"), epochs=1, steps_per_epoch=3,

@@ -8,6 +8,7 @@ import pytest
 
 from kerasunet.data import load_split_examples, read_manifest, verify_records
 from kerasunet.core.nifti import load_volume
+from kerasunet.core.records_format import DEFAULT_CONTEXT
 from tests.helpers import LPS, PHANTOM_SHAPE, build_settings, phantom, save_nifti, write_lits
 from tfrecords_builder.build import BuildError, BuildSettings, assign_splits, build_records, split_counts
 
@@ -67,7 +68,8 @@ def test_lps_and_gz_cases_match_the_canonical_phantom(built, lits_dir):
         split = manifest["cases"][case_id]["split"]
         ex = next(e for e in load_split_examples(out, split) if e["case_id"] == case_id)
         k = ex["slice_index"]
-        np.testing.assert_array_equal(ex["image"][..., 0], expected_image[:, :, k])
+        centre = manifest["context"]  # channel K is the slice itself
+        np.testing.assert_array_equal(ex["image"][..., centre], expected_image[:, :, k])
         np.testing.assert_array_equal(ex["label"], expected_label[:, :, k])
 
 
@@ -148,16 +150,24 @@ def test_rerun_of_finished_build_is_a_noop_and_other_settings_need_overwrite(bui
     assert again == json.loads(json.dumps(manifest))
     assert "nothing to do" in messages[0]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    with pytest.raises(BuildError, match=r"holds a finished build with different settings \(context: 0 -> 1\)"):
+    with pytest.raises(BuildError, match=r"holds a finished build with different settings \(context: 2 -> 0\)"):
         build_records(build_settings(lits_dir, out, val_fraction=0.2, test_fraction=0.2, liver_slices=4,
-                                     non_liver_slices=3, shard_mb=0.01, context=1))
+                                     non_liver_slices=3, shard_mb=0.01, context=0))
+
+
+def test_default_context_is_2_5d_for_slices_and_0_for_volumes(lits_dir):
+    assert build_settings(lits_dir, "a").context == DEFAULT_CONTEXT == 2
+    assert build_settings(lits_dir, "a", volumes=True).context == 0
+    assert build_settings(lits_dir, "a", context=0).context == 0
+    with pytest.raises(ValueError, match=r"^Expected context=0 with volumes"):
+        build_settings(lits_dir, "a", volumes=True, context=1)
 
 
 def test_settings_hash_ignores_run_only_fields_and_number_types(lits_dir):
     a = build_settings(lits_dir, "a", hu_window=(-200, 250), shard_mb=128, workers=1)
     b = build_settings(lits_dir, "b", hu_window=(-200.0, 250.0), workers=4, overwrite=True)
     assert a.settings_hash() == b.settings_hash()
-    assert a.settings_hash() != build_settings(lits_dir, "a", context=1).settings_hash()
+    assert a.settings_hash() != build_settings(lits_dir, "a", context=0).settings_hash()
 
 
 def test_overwrite_rebuilds_with_new_settings(lits_dir, tmp_path):

@@ -5,6 +5,7 @@ import numpy as np
 from kerasunet.data import get_dataset, load_split_examples, verify_records
 from kerasunet.core.nifti import load_volume
 from kerasunet.core.preprocessing import normalize_np
+from kerasunet.core.records_format import DEFAULT_CONTEXT
 from tests.helpers import build_settings
 from tfrecords_builder.build import build_records
 
@@ -40,9 +41,9 @@ def test_mri_phantoms_skip_defects_and_normalise_per_case(tiny_phantoms, tmp_pat
     assert reasons == {"FZMC002": "image shape (48, 40, 12) differs from label shape (48, 40, 11)",
                        "FZMC004": "label missing"}
     assert all(len(c["slices"]) == 12 for c in manifest["cases"].values())  # MRI: all slices
-    _check_voxels(out, manifest, context=0)
+    _check_voxels(out, manifest, context=DEFAULT_CONTEXT)
     x, y = next(iter(get_dataset(out, "val", batch_size=12, training=False, pad_to_multiple=16)))
-    assert x.shape == (12, 48, 48, 1) and y.shape == (12, 48, 48) and y.dtype == "uint8"
+    assert x.shape == (12, 48, 48, 2 * DEFAULT_CONTEXT + 1) and y.shape == (12, 48, 48) and y.dtype == "uint8"
     (val_case,) = manifest["splits"]["val"]["cases"]
     raw = load_volume(manifest["cases"][val_case]["image"]).data[:, :, :, None]
     stats = np.array(manifest["cases"][val_case]["norm_stats"], np.float32)
