@@ -46,9 +46,10 @@ def test_mismatched_pretrained(records, tmp_path):
                  "--pretrained", tmp_path / "ct.keras", *TINY)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     last = result.output.splitlines()[-1]
-    given = channels - 2
+    records_channels = channels - 2
     assert last == (f"Error: {tmp_path / 'ct.keras'}: the pretrained model takes {channels} input channels "
-                    f"(2.5D context {(channels - 1) // 2}), the new one {given} (context {(given - 1) // 2}); "
+                    f"(2.5D context {(channels - 1) // 2}), the new one {records_channels} "
+                    f"(context {(records_channels - 1) // 2}); "
                     f"build the records with --context {(channels - 1) // 2}")
     assert not (tmp_path / "run").exists()  # nothing written: the same --out works once fixed
 

@@ -278,7 +278,8 @@ def test_init_without_pretrained_is_refused():
 def test_mismatched_pretrained_is_one_clear_error(ct_records, tmp_path):
     from kerasunet.model import build_unet
 
-    build_unet((None, None, 1), 2, filters=8, depth=2).save(tmp_path / "wide.keras")
+    channels = json.loads((ct_records / "manifest.json").read_text())["channels"]
+    build_unet((None, None, channels), 2, filters=8, depth=2).save(tmp_path / "wide.keras")
     settings = TrainSettings(records=str(ct_records), out=str(tmp_path / "run"), mode="init",
                              pretrained=str(tmp_path / "wide.keras"), epochs=1, steps_per_epoch=1,
                              image_size=(32, 32), **TINY)
