@@ -55,7 +55,8 @@ def main() -> None:
         for engine in ("local", "beam"):
             out = Path(tmp) / engine
             settings = BuildSettings(source=str(source), dataset="lits", out=str(out), engine=engine,
-                                     workers=args.workers, beam_options=beam_options if engine == "beam" else "")
+                                     workers=args.workers, beam_options=beam_options if engine == "beam" else "",
+                                     context=0)  # single slices, as benchmarks/README.md records
             start = time.perf_counter()
             manifest = build_records(settings)
             times[engine] = time.perf_counter() - start

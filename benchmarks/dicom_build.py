@@ -78,7 +78,8 @@ def main() -> None:
 
             def build(layout=layout, folder=folder, out=out):
                 settings = BuildSettings(source=str(tmp / folder), dataset=layout, out=str(out), workers=1,
-                                         val_fraction=0.0, test_fraction=0.0, all_slices=True, overwrite=True)
+                                         val_fraction=0.0, test_fraction=0.0, all_slices=True, overwrite=True,
+                                         context=0)  # single slices, as benchmarks/README.md records
                 built[name] = build_records(settings)
 
             seconds = _best(build, args.repeats)

@@ -163,6 +163,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=512, help="slices of 512 x 512 to write and read")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--context", type=int, default=0,
+                        help="2.5D context K of the records (2K+1 channels); 0 is what benchmarks/README.md "
+                             "records, build-records' default is 2")
     parser.add_argument("--train-steps", type=int, default=3, help="0 skips the model's training step")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3,
@@ -180,7 +183,7 @@ def main() -> None:
         write_cases(tmp / "lits", args.slices)
         start = time.perf_counter()
         manifest = build_records(BuildSettings(str(tmp / "lits"), "lits", str(tmp / "rec"), all_slices=True,
-                                               val_fraction=0, test_fraction=0))
+                                               val_fraction=0, test_fraction=0, context=args.context))
         build_s = time.perf_counter() - start
         n = manifest["splits"]["train"]["num_examples"]
         batches = max(1, n // args.batch - 1)

@@ -110,7 +110,8 @@ def from_records(tmp: Path, size: int, batch: int, steps: int) -> dict:
 
     synth_lits(tmp / "lits", n_cases=3, size=size, slices=(2 * batch, 2 * batch))
     settings = BuildSettings(source=str(tmp / "lits"), dataset="lits", out=str(tmp / "records"),
-                             all_slices=True, val_fraction=0.0, test_fraction=0.0, workers=1)
+                             all_slices=True, val_fraction=0.0, test_fraction=0.0, workers=1,
+                             context=0)  # single slices, as benchmarks/README.md records
     build_records(settings)
     # model.fit needs the float32 targets; kerasunet's own loop expands the uint8 labels in its step
     dataset = get_dataset(settings.out, "train", batch, training=True, repeat=True, seed=0).map(

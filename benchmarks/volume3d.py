@@ -119,7 +119,7 @@ def demo(out: Path, epochs_2d: int, cases: int) -> None:
         records[name] = out / f"records-{name}"
         build_records(BuildSettings(source=str(out / "phantoms" / "lits"), dataset="lits", out=str(records[name]),
                                     seed=0, holdout="last", val_fraction=0.2, test_fraction=0.25, workers=1,
-                                    volumes=volumes), log=quiet)
+                                    volumes=volumes, context=0), log=quiet)  # the 2D arm: single slices
     common = dict(epochs=epochs_2d, lr=preset.ct_lr, loss=preset.loss, filters=preset.filters, depth=preset.depth,
                   augment=preset.augment, oversample_tumour=preset.oversample_tumour, schedule=preset.schedule,
                   dropout=preset.dropout, monitor=preset.monitor, seed=0, mixed_precision="off")
