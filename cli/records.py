@@ -60,6 +60,8 @@ class _Progress:
 
 
 def _echo_summary(manifest: dict) -> None:
+    if manifest.get("kind", "slices") == "slices":
+        click.echo(f"input: {manifest['channels']} channels a slice (2.5D context {manifest['context']})")
     for split, entry in manifest["splits"].items():
         stats = manifest["class_stats"][split]
         fg = ", ".join(f"{k} {v:.2%}" for k, v in stats["foreground_fraction"].items())

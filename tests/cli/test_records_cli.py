@@ -26,6 +26,9 @@ def test_build_prints_splits_and_skips(cli_records):
     assert "skipped volume-3: label missing" in output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["liver_slices"] == 3 and manifest["settings"]["workers"] == 1
+    # 2.5D by default: each slice with 2 neighbours a side
+    assert (manifest["context"], manifest["channels"], manifest["settings"]["context"]) == (2, 5, 2)
+    assert "input: 5 channels a slice (2.5D context 2)" in output.splitlines()
 
 
 def test_rerun_is_a_noop_with_a_message(cli_records):
