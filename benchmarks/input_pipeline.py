@@ -63,7 +63,7 @@ def memmap_rate(records_dir: Path, batch: int, targets: bool) -> float:
     stats = examples[0]["norm_stats"]
     if not (records_dir / "labels.npy").exists():
         images = np.lib.format.open_memmap(records_dir / "images.npy", "w+", np.float32,
-                                           (len(examples), SIZE, SIZE, 1))
+                                           (len(examples), SIZE, SIZE, examples[0]["image"].shape[-1]))
         labels = np.lib.format.open_memmap(records_dir / "labels.npy", "w+", np.uint8, (len(examples), SIZE, SIZE))
         for j, ex in enumerate(examples):
             images[j], labels[j] = ex["image"], ex["label"]
