@@ -64,7 +64,8 @@ def _option(*decls, name: str, **kwargs):
          help="Training steps per epoch [default: one pass over the train split].")
 @_option("--seed", name="seed", type=int, help="Random seed.")
 @_option("--monitor", name="monitor", type=click.Choice(MONITORS),
-         help="best.keras: highest mean validation Dice (CT liver and tumour) or lowest validation loss.")
+         help="best.keras: highest moving average of the mean validation Dice (CT liver and tumour) "
+              "or lowest validation loss.")
 @_option("--preset", name="preset", type=click.Choice(sorted(PRESETS)),
          help="Start from named settings (paper: the research's); options given still apply.")
 @_option("--resume", name="resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")

@@ -32,10 +32,11 @@ counter from the newest checkpoint and keeps the history rows up to that epoch. 
 seeds are reset to ``seed + completed_epochs`` on resume: a resumed run is reproducible, but
 it does not draw the same batches and dropout masks as an uninterrupted run would have.
 
-Model selection (``--monitor``): ``best.keras`` is the epoch with the highest mean validation
-Dice over the output channels (``dice``, the default: CT liver and tumour, MRI tumour) or the
-lowest validation loss (``loss``, the research's rule). history.csv records ``val_dice`` and
-marks the epochs that wrote ``best.keras`` (``best`` = 1); config.json's ``train.monitor``
+Model selection (``--monitor``): ``best.keras`` is the epoch with the highest moving average
+(:data:`DICE_EMA`) of the mean validation Dice over the output channels (``dice``, the default:
+CT liver and tumour, MRI tumour) or the lowest validation loss (``loss``, the research's rule).
+history.csv records ``val_dice`` and its average ``val_dice_ema`` and marks the epochs that
+wrote ``best.keras`` (``best`` = 1); config.json's ``train.monitor``
 names the rule. The plateau schedule watches the same number.
 
 A shard that goes missing or is cut short while training reads it stops the run with one
@@ -90,6 +91,9 @@ __all__ = ["FitResult", "TrainError", "TrainSettings", "fit", "train"]
 
 KEEP_CHECKPOINTS = 2
 PROGRESS_LINES_PER_EPOCH = 10
+# Weight of the past in the moving average of the validation Dice that picks best.keras
+# (``--monitor dice``); nnU-Net smooths its pseudo-Dice the same way before picking its best.
+DICE_EMA = 0.9
 
 
 @dataclass
@@ -582,6 +586,7 @@ def end_epoch(settings, state: State, writer, row: dict, seconds: float, has_val
     row["lr"] = current_lr(state.optimizer)
     if has_val:
         row["val_dice"] = mean_val_dice(row)
+        row["val_dice_ema"] = smoothed_val_dice(writer.history, row["val_dice"])
     score = monitored(row, settings.monitor)
     improved = score < float(state.best.numpy())  # False for NaN
     if improved:
@@ -606,18 +611,30 @@ def mean_val_dice(row: dict) -> float:
     return sum(values) / len(values)
 
 
+def smoothed_val_dice(history: list[dict], val_dice: float) -> float:
+    """The exponential moving average of ``val_dice`` over the epochs so far (:data:`DICE_EMA`).
+
+    Starts at the first epoch's value (or a resumed run's first epoch without one in
+    ``history``); ``history`` holds the earlier epochs' rows.
+    """
+    previous = history[-1].get("val_dice_ema", math.nan) if history else math.nan
+    return val_dice if math.isnan(previous) else DICE_EMA * previous + (1 - DICE_EMA) * val_dice
+
+
 def monitored(row: dict, monitor: str) -> float:
     """The number ``best.keras`` minimises for ``monitor`` in an epoch's history ``row``.
 
-    ``dice``: minus the mean validation Dice over the output channels (``val_dice``), so the
-    best model has the highest Dice; CT weighs liver and tumour equally, so the liver (high and
+    ``dice``: minus the moving average of the mean validation Dice over the output channels
+    (``val_dice_ema``, :func:`smoothed_val_dice`), so the best model has the highest smoothed
+    Dice: a few validation cases make one epoch's Dice jumpy, and the raw maximum kept early
+    spikes (docs/quality.md, the fifth run); CT weighs liver and tumour equally, so the liver (high and
     steady once learnt) guards against an epoch that finds tumours by losing the liver, and the
     tumour decides among the rest. ``loss``: the validation loss. Without a validation split
     both fall back to the training loss (and ``best.keras`` is then the last epoch).
     """
     if "val_loss" not in row:
         return row["loss"]
-    return -row["val_dice"] if monitor == "dice" else row["val_loss"]
+    return -row["val_dice_ema"] if monitor == "dice" else row["val_loss"]
 
 
 def kept_checkpoint(manager) -> str:
