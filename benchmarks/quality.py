@@ -200,7 +200,8 @@ def scores(predictions) -> dict:
             "lesion_recall": t["lesion_recall"], "lesion_precision": t["lesion_precision"],
             "lesion_recall_gt0": t["lesion_recall_gt0"], "lesion_precision_gt0": t["lesion_precision_gt0"],
             "true_lesions": t["truth_lesions"], "pred_lesions": t["pred_lesions"],
-            "cases": {p[0]: {s: m[s]["dice"] for s in ("liver", "tumour")} for p, m in zip(predictions, per_case)}}
+            "cases": {p[0]: {name: m[name]["dice"] for name in ("liver", "tumour")}
+                      for p, m in zip(predictions, per_case)}}
 
 
 def own_filter_effect(info, predictions) -> dict:

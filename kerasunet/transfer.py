@@ -114,10 +114,11 @@ def transfer_weights(model: keras.Model, source: keras.Model, source_label: str 
             pretrained one lacks.
     """
     given, wanted = source.inputs[0].shape[-1], model.inputs[0].shape[-1]
-    if given != wanted:  # the records' 2.5D context, the commonest mismatch: say so plainly
+    if given != wanted:  # the records' 2.5D context (2K+1 channels), the commonest mismatch: say so plainly
+        k_given, k_wanted = (given - 1) // 2, (wanted - 1) // 2
         raise ValueError(f"{source_label}: the pretrained model takes {given} input channels (2.5D context "
-                         f"{(given - 1) // 2}), the new one {wanted} (context {(wanted - 1) // 2}); build the "
-                         f"records with --context {(given - 1) // 2}")
+                         f"{k_given}), the new one {wanted} (context {k_wanted}); build the records with "
+                         f"--context {k_given}")
     source_layers = {layer.name: layer for layer in source.layers if layer.weights}
     target_names = {layer.name for layer in model.layers if layer.weights}
     report = {}
