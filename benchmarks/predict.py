@@ -47,8 +47,9 @@ def make_run(folder: Path, filters: int, depth: int, context: int) -> Path:
     """An untrained U-Net saved as a run folder (best.keras + config.json)."""
     from kerasunet.model import build_unet
     from kerasunet.core.preprocessing import NormSettings
+    from kerasunet.core.records_format import context_channels
 
-    channels = 2 * context + 1
+    channels = context_channels(context)
     build_unet((None, None, channels), 2, filters=filters, depth=depth).save(folder / "best.keras")
     config = {"model": {"input_channels": channels, "num_outputs": 2, "filters": filters, "depth": depth,
                         "dropout": 0.5},

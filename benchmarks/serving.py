@@ -58,6 +58,7 @@ def main(size, slices, filters, depth, context, batch_size, grpc_max_message_mb,
     """Time one volume through local predict, REST and gRPC; one line per path as it finishes."""
     from benchmarks.predict import make_run, make_volume
     from kerasunet.core.nifti import load_volume
+    from kerasunet.core.records_format import context_channels
     from kerasunet.export import export_model
     from kerasunet.postprocess import PostprocessSettings
     from kerasunet.predict import PredictSettings, load_predictor, predict_volume, predict_volume_served
@@ -78,7 +79,7 @@ def main(size, slices, filters, depth, context, batch_size, grpc_max_message_mb,
         # the SavedModel on their first request.
         first = dataclasses.replace(volume, data=volume.data[:, :, :batch_size])
         print(f"phantom {size}x{size}x{slices}, U-Net filters {filters} depth {depth}, context {context} "
-              f"({2 * context + 1} channels), batch {batch_size}, post-processing on", flush=True)
+              f"({context_channels(context)} channels), batch {batch_size}, post-processing on", flush=True)
         predict_volume(model, info, first, settings)
         seconds, masks = {}, {}
         seconds["local"], (masks["local"], _) = timed(lambda: predict_volume(model, info, volume, settings), repeats)

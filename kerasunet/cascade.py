@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasunet.core.records_format import channels_context, context_channels
+
 ROI_SIZE = (128, 128)
 MARGIN_MM = 10.0
 JITTER_MM = 5.0
@@ -506,7 +508,7 @@ SPACING_INPUT = "spacing"  # the cascade signature's second input: voxel size (x
 
 def serving_channels(cascade: CascadeModel) -> int:
     """Channels of the cascade signature's ``image``: ``2K+1`` for the larger context of the two stages."""
-    return 2 * max(cascade.liver_info.context, cascade.tumour_info.context) + 1
+    return context_channels(max(cascade.liver_info.context, cascade.tumour_info.context))
 
 
 def make_cascade_serving_fn(cascade: CascadeModel):
@@ -525,7 +527,7 @@ def make_cascade_serving_fn(cascade: CascadeModel):
     from kerasunet.core.preprocessing import normalize, stats_in_graph
     from kerasunet.export import make_serving_fn
 
-    k = serving_channels(cascade) // 2
+    k = channels_context(serving_channels(cascade))
     k1, k2 = cascade.liver_info.context, cascade.tumour_info.context
     stage1 = make_serving_fn(cascade.liver_net, cascade.liver_info)
     info, roi = cascade.tumour_info, cascade.settings
@@ -583,7 +585,7 @@ def cascade_export_fields(name: str, cascade: CascadeModel) -> dict:
                                       "channels": list(CASCADE_OUTPUTS)},
                     "mask": {"dtype": "uint8", "shape": [None, None, None], "labels": mask_labels(CASCADE_OUTPUTS)}},
         "channels": channels,
-        "context": channels // 2,
+        "context": channels_context(channels),
         "one_case_per_request": True,
         "cascade": {**cascade.settings.to_dict(), "liver_context": cascade.liver_info.context,
                     "tumour_context": info.context, "roi_threshold": ROI_THRESHOLD},

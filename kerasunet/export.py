@@ -72,6 +72,7 @@ import numpy as np
 from kerasunet import __version__
 from kerasunet.core.atomic import atomic_path, write_json
 from kerasunet.core.labels import label_values
+from kerasunet.core.records_format import context_channels
 from kerasunet.core.runs import LESION_FILTER_FILE, RunInfo, load_model, resolve_run
 from kerasunet.lesion_filter import run_lesion_filter, write_lesion_filter
 
@@ -406,7 +407,7 @@ def write_warmup(path: Path, name: str, info: RunInfo, settings: WarmupSettings 
 
     if info.dims == 3:
         return write_volume_warmup(path, name, info)
-    channels = 2 * info.context + 1
+    channels = context_channels(info.context)
     records = warmup_records(name, channels, settings.size, settings.batch_sizes, settings.value, SIGNATURE)
     target = path / WARMUP_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -506,7 +507,7 @@ def example_commands(name: str, channels: int, batching: bool = True) -> dict[st
 def export_info(name: str, info: RunInfo, version: int, previous: dict, versions: list[int],
                 labels: dict[str, int] | None = None, warmup: list | None = None) -> dict:
     """The content of ``export.json``: settings of the newest export plus one entry per version."""
-    channels = 2 * info.context + 1
+    channels = context_channels(info.context)
     batching = serves_batching(info)
     entry = {"source_model": str(info.model_path.resolve()), "modality": info.modality,
              "channels": channels, "exported_at": datetime.datetime.now().isoformat(timespec="seconds"),

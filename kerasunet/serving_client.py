@@ -57,6 +57,7 @@ import numpy as np
 from kerasunet.cascade import SPACING_INPUT
 from kerasunet.core.labels import OUTPUTS, STRUCTURES, check_outputs
 from kerasunet.core.preprocessing import MODALITIES, NormSettings
+from kerasunet.core.records_format import channels_context
 from kerasunet.core.stacking import stack_slices
 from kerasunet.export import (INPUT_NAME, LESION_FILTER_SIGNATURE, MODEL_INFO_SIGNATURE, OUTPUT_NAMES,
                               SETTINGS_OUTPUTS, SETTINGS_SIGNATURE, SIGNATURE, STATS_NAME)
@@ -117,7 +118,7 @@ class RemoteModel:
 
     @property
     def context(self) -> int:
-        return (self.channels - 1) // 2
+        return channels_context(self.channels)
 
     @property
     def modality(self) -> str:
@@ -445,7 +446,7 @@ def predict_batch(model: RemoteModel, images: np.ndarray, timeout: float) -> np.
                            f"got shape {images.shape}")
     if images.shape[-1] != model.channels:
         raise ServingError(f"{model.url}: input has {images.shape[-1]} channels (2.5D context "
-                           f"K={(images.shape[-1] - 1) // 2}) but the model was exported for {model.channels} "
+                           f"K={channels_context(images.shape[-1])}) but the model was exported for {model.channels} "
                            f"(K={model.context}); build the stacks with context {model.context}")
     if model.protocol == "grpc":
         from kerasunet import serving_grpc

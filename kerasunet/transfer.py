@@ -24,6 +24,7 @@ import keras
 
 from kerasunet.core.choices import MODES
 from kerasunet.core.labels import OUTPUTS, check_outputs
+from kerasunet.core.records_format import channels_context
 from kerasunet.model import block_of, build_unet, layers_in_blocks
 from kerasunet.core.runs import CONFIG_FILE, MODEL_FILE, RunError, resolve_run
 
@@ -115,7 +116,7 @@ def transfer_weights(model: keras.Model, source: keras.Model, source_label: str 
     """
     given, wanted = source.inputs[0].shape[-1], model.inputs[0].shape[-1]
     if given != wanted:  # the records' 2.5D context (2K+1 channels), the commonest mismatch: say so plainly
-        k_given, k_wanted = (given - 1) // 2, (wanted - 1) // 2
+        k_given, k_wanted = channels_context(given), channels_context(wanted)
         raise ValueError(f"{source_label}: the pretrained model takes {given} input channels (2.5D context "
                          f"{k_given}), the new one {wanted} (context {k_wanted}); build the records with "
                          f"--context {k_given}")

@@ -44,7 +44,7 @@ from kerasunet.core.fingerprint import changed_settings, hash_settings
 from kerasunet.core.nifti import VolumeError
 from kerasunet.core.preprocessing import NormSettings
 from kerasunet.core.records_format import (DEFAULT_CONTEXT, DEFAULT_WORKERS, ENGINES, MANIFEST_FILE, SHARD_RE,
-                                           TEMP_PREFIX)
+                                           TEMP_PREFIX, context_channels)
 from tfrecords_builder.features import FEATURES, example_key, slice_example
 from tfrecords_builder.ingest import CaseTask, extract_slices, inspect_case
 from tfrecords_builder.selection import SelectionSettings
@@ -532,7 +532,7 @@ def manifest_for(settings: BuildSettings, state: dict) -> dict:
         "name": settings.dataset,
         "modality": settings.modality,
         "context": settings.context,
-        "channels": 2 * settings.context + 1,
+        "channels": context_channels(settings.context),
         "outputs": list(settings.outputs),
         "compression": "GZIP" if settings.gzip else None,
         "norm": settings.norm.to_dict(),

@@ -27,6 +27,16 @@ DEFAULT_CONTEXT = 2
 ENGINES = ("local", "beam")
 
 
+def context_channels(context: int) -> int:
+    """The input channels of 2.5D context ``context``: the slice and ``context`` neighbours a side."""
+    return 2 * int(context) + 1
+
+
+def channels_context(channels: int) -> int:
+    """The 2.5D context of ``channels`` input channels (``2K + 1``; the inverse of :func:`context_channels`)."""
+    return (int(channels) - 1) // 2
+
+
 def shard_name(name: str, split: str, index: int, total: int) -> str:
     """The TFDS-style file name of a shard: ``NAME-SPLIT.tfrecord-00000-of-00003``."""
     if not 0 <= index < total:

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kerasunet.core.preprocessing import NormSettings
+from kerasunet.core.records_format import context_channels
 
 MODEL_FILE = "best.keras"
 CONFIG_FILE = "config.json"
@@ -194,7 +195,7 @@ def check_model(model, info: RunInfo) -> None:
     if len(model.input_shape) - 2 != info.dims:
         raise RunError(f"{info.model_path}: model takes {len(model.input_shape) - 2}D inputs "
                        f"{tuple(model.input_shape)} but its config has dims={info.dims}")
-    channels, expected = model.input_shape[-1], 2 * info.context + 1
+    channels, expected = model.input_shape[-1], context_channels(info.context)
     if channels != expected or channels != info.input_channels:
         raise RunError(f"{info.model_path}: model takes {channels} input channels but its config has "
                        f"context K={info.context} (expected 2K+1={expected}), "
