@@ -32,13 +32,15 @@ as :func:`fit_lesion_filter` chooses them on validation cases (:func:`fit_on_cas
 output (a whole-slice run, a cascade's second stage, a 3D run) fits its own at the end of
 training (:func:`fit_run_lesion_filter`, the run folder's ``lesion_filter.json``) and
 predict/evaluate apply it unless given ``--lesion-filter FILE`` or ``--no-lesion-filter``
-(:func:`run_lesion_filter`).
+(:func:`run_lesion_filter`). A run's own volume threshold is at least
+:data:`LABEL_SIZE_FRACTION` of the smallest lesion in its training labels, unless validation
+finds a smaller true one (:func:`with_size_floor`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,11 @@ from kerasunet.postprocess import FULL_CONNECTIVITY
 
 FEATURES = ("volume_mm3", "mean_prob", "depth_mm", "contrast")
 RING_MM = 5.0  # width of the shell of surrounding liver that ``contrast`` compares with
+# A run's own volume threshold is at least this fraction of the smallest lesion in its training
+# and validation labels (unless validation finds a smaller true one): what the annotators
+# outlined defines the smallest lesion the task counts. A quarter leaves room for lesions
+# smaller than any in a few training cases and for found lesions predicted at half their size.
+LABEL_SIZE_FRACTION = 0.25
 CT_OUTPUTS = ("liver", "tumour")
 
 
@@ -290,8 +297,6 @@ def fit_on_cases(model, info, cases, settings=None, max_recall_loss: float = 0.0
         ``(thresholds, candidates, n_truth)``: the thresholds, the predicted lesions they
         were fitted on and the true lesions in all.
     """
-    from dataclasses import replace
-
     from kerasunet.core.cases import CaseError, load_case
     from kerasunet.predict import PredictSettings, predict_volume
 
@@ -310,6 +315,43 @@ def fit_on_cases(model, info, cases, settings=None, max_recall_loss: float = 0.0
         candidates, n_truth = candidates + found, n_truth + n
         progress(f"lesion filter: [{i}/{len(cases)}] {case.case_id}: {len(found)} predicted lesion(s), {n} true")
     return fit_lesion_filter(candidates, n_truth, max_recall_loss), candidates, n_truth
+
+
+def smallest_lesion_mm3(cases, outputs, progress=lambda line: None) -> float | None:
+    """The volume (mm³) of the smallest true lesion (a 26-connected tumour component) in the
+    labels of ``cases``; None when they hold none. An unreadable label is skipped with one
+    progress line."""
+    from kerasunet.core.cases import CaseError, load_label
+
+    smallest = None
+    for case in cases:
+        try:
+            label, spacing = load_label(case, outputs)
+        except CaseError as exc:
+            progress(f"lesion filter: {case.case_id}'s label skipped: {exc}")
+            continue
+        components, n = ndimage.label(label == tumour_label(outputs), structure=FULL_CONNECTIVITY)
+        if n:
+            volume = float(np.bincount(components.ravel())[1:].min() * np.prod(spacing))
+            smallest = volume if smallest is None else min(smallest, volume)
+    return smallest
+
+
+def with_size_floor(thresholds: LesionFilter, candidates: list[Candidate], smallest_mm3: float | None,
+                    fraction: float = LABEL_SIZE_FRACTION) -> LesionFilter:
+    """``thresholds`` with the volume threshold raised to ``fraction`` of the smallest labelled
+    lesion, but never above a true lesion found among ``candidates`` (validation).
+
+    Two validation cases often show no false positive, and then :func:`fit_lesion_filter` keeps
+    every lesion, specks included; the labels still say how small a lesion the task counts.
+    """
+    if smallest_mm3 is None:
+        return thresholds
+    floor = fraction * smallest_mm3
+    found = [c.features["volume_mm3"] for c in candidates if c.truth_ids]
+    if found:
+        floor = min(floor, min(found))
+    return replace(thresholds, volume_mm3=max(thresholds.volume_mm3, floor))
 
 
 def read_lesion_filter(path) -> LesionFilter:
@@ -364,7 +406,9 @@ def fit_run_lesion_filter(run_dir, records_dir, progress=print) -> LesionFilter 
 
     The run (a whole-slice or 3D run, or both stages of a cascade, exactly as ``predict``
     runs it) segments the source volumes of the records' ``val`` cases; the thresholds are
-    :func:`fit_on_cases`'s and go to the run folder's ``lesion_filter.json`` (atomic), which
+    :func:`fit_on_cases`'s, with the volume threshold at least :data:`LABEL_SIZE_FRACTION` of
+    the smallest lesion in the labels of the ``train`` and ``val`` cases
+    (:func:`with_size_floor`), and go to the run folder's ``lesion_filter.json`` (atomic), which
     predict, evaluate and export then apply. When they cannot be fitted, nothing is written
     (an older file is removed first) and one progress line says why: no validation cases,
     none of their source volumes readable (records copied without their sources), or no
@@ -398,9 +442,17 @@ def fit_run_lesion_filter(run_dir, records_dir, progress=print) -> LesionFilter 
         progress(f"lesion filter: no predicted lesions on the readable validation cases of {len(cases)}; "
                  f"{path.name} not written")
         return None
+    try:
+        _, train_cases, _ = manifest_cases(Path(records_dir), "train")
+    except EvaluateError:
+        train_cases = []
+    labelled = [c for c in train_cases if c.label is not None] + cases
+    smallest = smallest_lesion_mm3(labelled, info.mask_outputs, progress)
+    thresholds = with_size_floor(thresholds, candidates, smallest)
     write_lesion_filter(path, thresholds)
+    labels = "no lesion" if smallest is None else f"smallest lesion {smallest:.0f} mm³"
     progress(f"lesion filter: fitted on {len(candidates)} predicted lesion(s) of {len(cases)} validation case(s) "
-             f"({n_truth} true): {thresholds.to_dict()} -> {path}")
+             f"({n_truth} true; labels of {len(labelled)} case(s): {labels}): {thresholds.to_dict()} -> {path}")
     return thresholds
 
 

@@ -616,3 +616,19 @@ def load_case(files: CaseFiles, outputs) -> tuple[Volume, np.ndarray]:
     if image.data.shape != label.data.shape:
         raise CaseError(f"image shape {image.data.shape} differs from label shape {label.data.shape}")
     return image, check_label(label.data, outputs, files.label_map)
+
+
+def load_label(files: CaseFiles, outputs) -> tuple[np.ndarray, tuple[float, ...]]:
+    """One case's label in the project's values and its voxel size, without reading the image
+    where the label is a file of its own (a folder of mask series needs the image's grid).
+
+    Raises:
+        CaseError: as :func:`load_case`.
+    """
+    if files.label is None:
+        raise CaseError(MISSING_LABEL)
+    if Path(files.label).is_dir():
+        image, label = load_case(files, outputs)
+        return label, tuple(image.spacing)
+    label = _read(Path(files.label))
+    return check_label(label.data, outputs, files.label_map), tuple(label.spacing)

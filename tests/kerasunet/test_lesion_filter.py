@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from kerasunet.lesion_filter import (Candidate, LesionFilter, case_candidates, detection_scores, filter_lesions,
+from kerasunet.lesion_filter import (CT_OUTPUTS, Candidate, LesionFilter, case_candidates, detection_scores, filter_lesions,
                                      fit_lesion_filter, lesion_features)
 
 SPACING = (1.0, 1.0, 2.0)
@@ -171,3 +171,91 @@ def test_evaluate_with_a_lesion_filter_reports_lesions_before_and_after(tmp_path
                                        "--out", str(tmp_path / "r2"), "--lesion-filter", str(tmp_path / "none.json")])
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert result.output.startswith(f"Error: {tmp_path / 'none.json'}: cannot read the lesion filter")
+
+
+# --- the run's own volume floor from the labels -------------------------------------------------
+
+
+def test_size_floor_is_a_quarter_of_the_smallest_labelled_lesion_below_any_found_true_one():
+    from kerasunet.lesion_filter import with_size_floor
+
+    found = [cand(400, 0.9, [("a", 1)]), cand(30, 0.7)]
+    assert with_size_floor(LesionFilter(), found, 1000.0).volume_mm3 == 250.0
+    # validation found a true lesion smaller than the floor: the floor stops there
+    small = [cand(100, 0.9, [("a", 1)]), cand(30, 0.7)]
+    assert with_size_floor(LesionFilter(), small, 1000.0).volume_mm3 == 100.0
+    assert detection_scores(small, 1, with_size_floor(LesionFilter(), small, 1000.0))["recall"] == 1.0
+    # a fitted threshold above the floor stays; no labelled lesion leaves the fit as it is
+    assert with_size_floor(LesionFilter(volume_mm3=300.0, mean_prob=0.5), found, 1000.0) == LesionFilter(
+        volume_mm3=300.0, mean_prob=0.5)
+    assert with_size_floor(LesionFilter(mean_prob=0.5), found, None) == LesionFilter(mean_prob=0.5)
+
+
+def save_nifti(path, data, spacing=SPACING):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.asarray(data, np.float32), np.diag([*spacing, 1.0])), str(path))
+    return path
+
+
+def test_smallest_lesion_reads_labels_and_skips_an_unreadable_one(tmp_path):
+    from kerasunet.core.cases import CaseFiles
+    from kerasunet.lesion_filter import smallest_lesion_mm3
+
+    label = np.zeros((10, 10, 4), np.uint8)
+    label[1:9, 1:9, :] = 1
+    label[2:5, 2:5, 1:3] = 2  # 18 voxels
+    label[7, 7, 3] = 2  # 1 voxel, not touching the first (26-connectivity)
+    save_nifti(tmp_path / "a.nii", label)
+    bare = np.where(label == 2, 1, label)  # no tumour
+    save_nifti(tmp_path / "b.nii", bare)
+    (tmp_path / "c.nii").write_text("not a volume")
+    cases = [CaseFiles(f"case-{n}", tmp_path / "image.nii", tmp_path / f"{n}.nii") for n in "abc"]
+    lines = []
+    assert smallest_lesion_mm3(cases, CT_OUTPUTS, lines.append) == 1 * 2.0  # one voxel of 1 x 1 x 2 mm
+    assert len(lines) == 1 and lines[0].startswith("lesion filter: case-c's label skipped: ") and "c.nii" in lines[0]
+    assert smallest_lesion_mm3(cases[1:2], CT_OUTPUTS) is None
+
+
+
+def floor_volume(specks=False):
+    """Air, a liver block (100 HU) with a 6x6x3 tumour (200 HU, 216 mm³); ``specks``: two hot
+    spots in the liver that the labels call liver, of 16 and 36 voxels (32 and 72 mm³)."""
+    hu = np.full((32, 32, 8), -500.0, np.float32)
+    hu[6:22, 5:20, 1:7] = 100.0
+    hu[8:14, 7:13, 2:5] = 200.0
+    if specks:
+        hu[16:20, 15:19, 1] = 200.0
+        hu[16:19, 6:9, 3:7] = 200.0
+    return hu
+
+
+def test_a_run_whose_validation_shows_no_false_positive_still_drops_specks(tmp_path):
+    """Validation finds its one true lesion and nothing else, so the fit alone keeps everything;
+    the labels' smallest lesion (216 mm³) puts the volume threshold at a quarter, 54 mm³, and
+    predict drops a 32 mm³ speck but keeps a 72 mm³ one (both above post-processing's 10 voxels)."""
+    import nibabel as nib
+
+    from kerasunet.lesion_filter import fit_run_lesion_filter
+    from kerasunet.predict import PredictSettings, predict_path
+    from tests.helpers import build_settings, expected_ct_labels, threshold_model, write_run
+    from tfrecords_builder.build import build_records
+
+    (tmp_path / "lits").mkdir()
+    for i in range(2):
+        save_nifti(tmp_path / "lits" / f"volume-{i}.nii", floor_volume())
+        save_nifti(tmp_path / "lits" / f"segmentation-{i}.nii", expected_ct_labels(floor_volume()))
+    build_records(build_settings(tmp_path / "lits", tmp_path / "records", val_fraction=0.5, test_fraction=0.0))
+    run = write_run(tmp_path / "run", threshold_model())
+    lines = []
+    assert fit_run_lesion_filter(run, tmp_path / "records", lines.append) == LesionFilter(volume_mm3=54.0)
+    assert "1 predicted lesion(s) of 1 validation case(s) (1 true; labels of 2 case(s): smallest lesion 216 mm³)" \
+        in lines[-1], lines
+    volume = save_nifti(tmp_path / "specks.nii", floor_volume(specks=True))
+    masks = {}
+    for name, settings in (("on", PredictSettings()), ("off", PredictSettings(run_lesion_filter=False))):
+        result = predict_path(run, volume, tmp_path / name, settings, progress=lambda line: None)
+        assert not result.failures
+        masks[name] = np.asarray(nib.load(str(result.written[0])).dataobj)
+    assert (masks["off"][16:20, 15:19, 1] == 2).all() and (masks["on"][16:20, 15:19, 1] == 1).all()
+    assert (masks["on"][16:19, 6:9, 3:7] == 2).all() and (masks["on"][8:14, 7:13, 2:5] == 2).all()
