@@ -136,16 +136,18 @@ def train_baseline(records: Path, size: int, filters: int, cpu_budget: float, se
 # --- kerasunet -------------------------------------------------------------------------------
 
 def train_kerasunet(records: Path, out: Path, size: int, filters: int, cpu_budget: float, name: str = "kerasunet",
-                    **cascade):
+                    seed: int | None = None, **cascade):
     """kerasunet ``train`` defaults (but filters and image size) for the epochs that fit ``cpu_budget``.
 
     ``cascade``: the stage-2 settings (``stage``, ``liver_model``, ``roi_size``) of a cascade
-    run, which then has no ``image_size`` (its input is the ROI).
+    run, which then has no ``image_size`` (its input is the ROI). ``seed``: ``train``'s
+    ``--seed`` (None: its default).
     """
     from kerasunet.train import train
     from kerasunet.train_settings import TrainSettings
 
-    common = dict(records=str(records), filters=filters, **(cascade or {"image_size": (size, size)}))
+    common = dict(records=str(records), filters=filters, **(cascade or {"image_size": (size, size)}),
+                  **({} if seed is None else {"seed": seed}))
     ends = []  # CPU time at the end of each calibration epoch
 
     def note_epoch(line):
@@ -262,6 +264,10 @@ def main(argv=None) -> dict:
                              "always gets the centre slice.")
     parser.add_argument("--stage1-share", type=float, default=0.6,
                         help="The cascade's stage-1 share of its budget; stage 2 gets the rest.")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="Seed of every training run (weights, data order, augmentation), to repeat "
+                             "the benchmark on the same phantoms [train's default for kerasunet, the "
+                             "phantom seed for the baseline].")
     parser.add_argument("--out", type=Path, default=None, help="Work folder [a temporary one].")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="kerasunet-quality-"))
@@ -272,11 +278,12 @@ def main(argv=None) -> dict:
 
     from kerasunet.core.runs import RunInfo, load_model, resolve_run
 
-    run, k_stats = train_kerasunet(records, out, args.size, args.filters, budget)
+    run, k_stats = train_kerasunet(records, out, args.size, args.filters, budget, seed=args.train_seed)
     info = resolve_run(run)
     k_model = load_model(info)
     wall = time.perf_counter()
-    b_model, b_stats = train_baseline(records, args.size, args.filters, k_stats["cpu_s"], args.seed)
+    b_seed = args.seed if args.train_seed is None else args.train_seed
+    b_model, b_stats = train_baseline(records, args.size, args.filters, k_stats["cpu_s"], b_seed)
     b_wall = time.perf_counter() - wall
     b_info = RunInfo(out / "baseline.keras", {**info.config, "data": {**info.config["data"], "context": 0},
                                               "model": {**info.config["model"], "depth": 4, "input_channels": 1}})
@@ -299,9 +306,9 @@ def cascade_arm(records: Path, out: Path, args, budget: float, test_cases) -> di
     from kerasunet.predict import load_predictor
 
     liver, liver_stats = train_kerasunet(records, out, args.size, args.filters, budget * args.stage1_share,
-                                         "cascade-liver")
+                                         "cascade-liver", seed=args.train_seed)
     stage2, stats = train_kerasunet(records, out, args.size, args.filters, budget - liver_stats["cpu_s"],
-                                    "cascade-tumour", stage="tumour", liver_model=str(liver),
+                                    "cascade-tumour", seed=args.train_seed, stage="tumour", liver_model=str(liver),
                                     roi_size=(args.size, args.size))
     model, info = load_predictor(resolve_run(stage2))
     predictions = segment(model, info, test_cases)
@@ -310,8 +317,9 @@ def cascade_arm(records: Path, out: Path, args, budget: float, test_cases) -> di
 
 
 def report(results: dict, args) -> None:
+    trained = "" if args.train_seed is None else f", training seed {args.train_seed}"
     print(f"\nheld-out phantoms: {args.test_cases} cases, seed {args.seed}, {args.size}x{args.size}; "
-          f"budget {args.minutes:g} min per model")
+          f"budget {args.minutes:g} min per model{trained}")
     print("lesion recall and precision: lits2017 (detected at IoU > 0.5) / the '> 0' variant (any overlap)")
     print(f"{'model':<27}{'liver Dice/case':>16}{'tumour Dice/case':>17}{'lesion recall':>15}"
           f"{'lesion precision':>17}{'lesions':>8}{'epochs':>7}{'CPU s':>7}{'wall s':>7}")
