@@ -358,7 +358,8 @@ def paired_lines(results: dict) -> list[str]:
         for structure in ("liver", "tumour"):
             per_case = [{case: d[structure] for case, d in arms[name].items()} for name in (first, second)]
             if len(per_case[0]) >= 2:
-                lines.append(f"{structure} Dice/case, " + compare_pair(first, per_case[0], second, per_case[1]).describe())
+                pair = compare_pair(first, per_case[0], second, per_case[1])
+                lines.append(f"{structure} Dice/case, " + pair.describe())
     return lines
 
 

@@ -447,8 +447,8 @@ def test_a_whole_slice_run_fits_and_applies_its_own_filter_too(filtered_cascade,
     run = write_run(tmp_path / "whole", threshold_model())
     lines = []
     assert fit_run_lesion_filter(run, root / "records", lines.append) is not None
-    assert len(lines) == 2 and "2 predicted lesion(s) of 1 validation case(s) (1 true; labels of 2 case(s): smallest lesion 45 mm³)" \
-        in lines[1], lines  # the 32-voxel tumour
+    summary = "2 predicted lesion(s) of 1 validation case(s) (1 true; labels of 2 case(s): smallest lesion 45 mm³)"
+    assert len(lines) == 2 and summary in lines[1], lines  # the smallest lesion: the 32-voxel tumour
     masks = masks_with_and_without_filter(run, root / "lits" / "volume-0.nii", tmp_path)
     assert (masks["off"][FALSE_POSITIVE] == 2).all() and (masks["default"][FALSE_POSITIVE] == 1).all()
     assert (masks["default"][10:14, 9:13, 3:5] == 2).all()

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from kerasunet.lesion_filter import (CT_OUTPUTS, Candidate, LesionFilter, case_candidates, detection_scores, filter_lesions,
-                                     fit_lesion_filter, lesion_features)
+from kerasunet.lesion_filter import (CT_OUTPUTS, Candidate, LesionFilter, case_candidates, detection_scores,
+                                     filter_lesions, fit_lesion_filter, lesion_features)
 
 SPACING = (1.0, 1.0, 2.0)
 
@@ -215,7 +215,6 @@ def test_smallest_lesion_reads_labels_and_skips_an_unreadable_one(tmp_path):
     assert smallest_lesion_mm3(cases, CT_OUTPUTS, lines.append) == 1 * 2.0  # one voxel of 1 x 1 x 2 mm
     assert len(lines) == 1 and lines[0].startswith("lesion filter: case-c's label skipped: ") and "c.nii" in lines[0]
     assert smallest_lesion_mm3(cases[1:2], CT_OUTPUTS) is None
-
 
 
 def floor_volume(specks=False):
