@@ -1,10 +1,8 @@
 """Training-time augmentation as pure TensorFlow ops (runs inside tf.data, no py_function).
 
 Geometric transforms (flips, 90-degree rotations, small rotation + scaling, optional
-elastic deformation) are applied identically to image and target. Both are resampled
-bilinearly, and each target channel is then thresholded at 0.5 so it stays binary (nnU-Net's
-``order_resampling_seg=1``): the mask's edge then follows the interpolated image's edge, where
-nearest-neighbour labels would step up to half a pixel beside it. Intensity transforms
+elastic deformation) are applied identically to image and target; the image is resampled
+bilinearly, the target with nearest neighbour so it stays binary. Intensity transforms
 (brightness, contrast, gamma, noise) change the image only and act on normalised values.
 Randomness is stateless: the same ``seed`` gives the same augmentation.
 """
@@ -110,30 +108,23 @@ def _transform(x, matrix, interpolation: str, fill):
     return out
 
 
-def resample_target(resample, target):
-    """``resample`` (bilinear) of ``target`` in float32, then each channel back to {0, 1} at 0.5,
-    in the target's own dtype (uint8 or float32)."""
-    return tf.cast(resample(tf.cast(target, tf.float32)) >= 0.5, target.dtype)
-
-
 def _rotate_scale(image, target, seeds, settings):
     max_angle = settings.rotation_deg * math.pi / 180
     angle = _uniform(seeds[0], -max_angle, max_angle)
     scale = _uniform(seeds[1], *settings.scale_range)
     shape = tf.shape(image)
-    return warp(image, target, affine_matrix(angle, scale, shape[0], shape[1]))
+    matrix = affine_matrix(angle, scale, shape[0], shape[1])
+    image = _transform(image, matrix, "BILINEAR", tf.reduce_min(image))
+    return image, _transform(target, matrix, "NEAREST", 0.0)
 
 
-def warp(image, target, matrix):
-    """``image`` and ``target`` resampled through ``matrix`` (:func:`affine_matrix`): the image
-    bilinearly (outside filled with its minimum), the target by :func:`resample_target` (outside 0)."""
-    return (_transform(image, matrix, "BILINEAR", tf.reduce_min(image)),
-            resample_target(lambda t: _transform(t, matrix, "BILINEAR", 0.0), target))
-
-
-def _sample(x, rows, cols):
-    """Samples ``x`` (H, W, C) bilinearly at float coordinates (H, W), clamped to the border."""
+def _sample(x, rows, cols, nearest: bool):
+    """Samples ``x`` (H, W, C) at float coordinates (H, W), clamped to the border."""
     h, w = tf.shape(x)[0], tf.shape(x)[1]
+    if nearest:
+        r = tf.clip_by_value(tf.cast(tf.round(rows), tf.int32), 0, h - 1)
+        c = tf.clip_by_value(tf.cast(tf.round(cols), tf.int32), 0, w - 1)
+        return tf.gather_nd(x, tf.stack([r, c], -1))
     r0, c0 = tf.floor(rows), tf.floor(cols)
     fr, fc = (rows - r0)[..., None], (cols - c0)[..., None]
 
@@ -156,7 +147,7 @@ def _elastic(image, target, seeds, settings):
     rows, cols = tf.meshgrid(tf.range(shape[0], dtype=tf.float32), tf.range(shape[1], dtype=tf.float32),
                              indexing="ij")
     rows, cols = rows + field[..., 0], cols + field[..., 1]
-    out_image, out_target = _sample(image, rows, cols), resample_target(lambda t: _sample(t, rows, cols), target)
+    out_image, out_target = _sample(image, rows, cols, False), _sample(target, rows, cols, True)
     out_image.set_shape(image.shape)
     out_target.set_shape(target.shape)
     return out_image, out_target

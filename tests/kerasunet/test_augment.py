@@ -72,26 +72,3 @@ def test_defaults_keep_left_and_right():
     for seed in range(6):
         image, _, x, _ = run(settings, (16, 16, 1), seed)
         np.testing.assert_array_equal(x, image)
-
-
-def test_warped_masks_follow_the_exactly_warped_shape_closer_than_nearest_labels():
-    """A disc (off centre, radius 14.3 px) rotated by 0.3 rad and zoomed 1.1x: the bilinear and
-    thresholded mask differs from the disc warped exactly (each output pixel's centre mapped
-    back, the continuous disc evaluated there) on fewer pixels than nearest-neighbour labels."""
-    from kerasunet.augment import affine_matrix, warp
-
-    n, centre, radius = 64, np.array([27.4, 35.1]), 14.3
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float64)
-    disc = (np.hypot(yy - centre[0], xx - centre[1]) < radius).astype(np.float32)[..., None]
-    matrix = affine_matrix(tf.constant(0.3), tf.constant(1.1), n, n)
-    a0, a1, a2, b0, b1, b2 = matrix.numpy()[0, :6]
-    src_x, src_y = a0 * xx + a1 * yy + a2, b0 * xx + b1 * yy + b2  # ImageProjectiveTransform: output -> input
-    exact = np.hypot(src_y - centre[0], src_x - centre[1]) < radius
-    _, warped = warp(tf.constant(disc), tf.constant(disc), matrix)
-    nearest = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.constant(disc)[None], transforms=matrix, output_shape=[n, n], fill_value=0.0,
-        interpolation="NEAREST", fill_mode="CONSTANT")[0]
-    assert set(np.unique(warped)) == {0.0, 1.0}
-    errors = {name: int(np.sum((m.numpy()[..., 0] > 0.5) != exact)) for name, m in
-              (("bilinear", warped), ("nearest", nearest))}
-    assert errors["bilinear"] < errors["nearest"], errors
