@@ -24,7 +24,8 @@ One run does everything, in ``--out`` (a temporary folder by default):
 6. The liver-ROI cascade (:mod:`kerasunet.cascade`) within the same budget: stage 1 a kerasunet
    run for ``--stage1-share`` of it, stage 2 ``train --stage tumour --liver-model`` with its
    defaults (``--roi-size`` the phantoms' size, 10 mm margin) for the rest; scored as above,
-   with its own lesion filter (as ``predict`` of a cascade) and without.
+   with its own lesion filter (as ``predict`` of a cascade) and without; ``--no-cascade``
+   leaves this arm out.
 
 The budget: ``--minutes`` of wall time on all the machine's cores, i.e. ``minutes x 60 x
 cores`` seconds of this process's CPU time (``time.process_time``, every thread), so a busy
@@ -264,6 +265,9 @@ def main(argv=None) -> dict:
                              "always gets the centre slice.")
     parser.add_argument("--stage1-share", type=float, default=0.6,
                         help="The cascade's stage-1 share of its budget; stage 2 gets the rest.")
+    parser.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also train and score the cascade arm (--no-cascade: the defaults and the "
+                             "baseline only, half an hour less at the issue's budget).")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="Seed of every training run (weights, data order, augmentation), to repeat "
                              "the benchmark on the same phantoms [train's default for kerasunet, the "
@@ -294,7 +298,8 @@ def main(argv=None) -> dict:
     results["baseline"] |= {"wall_s": b_wall, **b_stats}
     results["lesion_filter"] = own_filter_effect(info, k_pred)
     results["no_hole_filling"] = without_hole_filling(info, k_pred)
-    results |= cascade_arm(records, out, args, k_stats["cpu_s"], test_cases)
+    if args.cascade:
+        results |= cascade_arm(records, out, args, k_stats["cpu_s"], test_cases)
     report(results, args)
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     return results
@@ -325,9 +330,10 @@ def report(results: dict, args) -> None:
           f"{'lesion precision':>17}{'lesions':>8}{'epochs':>7}{'CPU s':>7}{'wall s':>7}")
     rows = [("kerasunet defaults", {**results["kerasunet"], **results["lesion_filter"]["after"]}),
             ("plain U-Net baseline", results["baseline"]),
-            ("kerasunet, no lesion filter", results["kerasunet"]),
-            ("cascade (same budget)", {**results["cascade"], **results["cascade_lesion_filter"]["after"]}),
-            ("cascade, no lesion filter", results["cascade"])]
+            ("kerasunet, no lesion filter", results["kerasunet"])]
+    if "cascade" in results:
+        rows += [("cascade (same budget)", {**results["cascade"], **results["cascade_lesion_filter"]["after"]}),
+                 ("cascade, no lesion filter", results["cascade"])]
     for name, r in rows:
         print(f"{name:<27}{r['liver_dice']:>16.3f}{r['tumour_dice']:>17.3f}"
               f"{r['lesion_recall']:>8.2f} / {r['lesion_recall_gt0']:.2f}"
@@ -335,13 +341,18 @@ def report(results: dict, args) -> None:
               f"{r['pred_lesions']:>8}{r['epochs']:>7}{r['cpu_s']:>7.0f}{r['wall_s']:>7.0f}")
     print(f"true lesions: {results['kerasunet']['true_lesions']}")
     print(f"kerasunet liver Dice/case without hole filling: {results['no_hole_filling']['liver_dice']:.3f}")
-    print(f"lesion filters (each run's lesion_filter.json): kerasunet {results['lesion_filter']['thresholds']}, "
-          f"cascade {results['cascade_lesion_filter']['thresholds']}")
-    print(f"cascade: stage 1 {args.stage1_share:.0%} of the budget, stage 2 the rest")
+    filters = {name: results[key]["thresholds"] for name, key in
+               (("kerasunet", "lesion_filter"), ("cascade", "cascade_lesion_filter")) if key in results}
+    print("lesion filters (each run's lesion_filter.json): "
+          + ", ".join(f"{name} {thresholds}" for name, thresholds in filters.items()))
+    if "cascade" in results:
+        print(f"cascade: stage 1 {args.stage1_share:.0%} of the budget, stage 2 the rest")
     for line in paired_lines(results):
         print(line)
     base = results["baseline"]["tumour_dice"]
     for name, key in (("kerasunet defaults", "lesion_filter"), ("cascade", "cascade_lesion_filter")):
+        if key not in results:
+            continue
         ratio = results[key]["after"]["tumour_dice"] / base if base > 0 else math.inf
         print(f"tumour Dice ratio {name} / baseline: {ratio:.2f}")
 
@@ -351,10 +362,13 @@ def paired_lines(results: dict) -> list[str]:
     the defaults against the baseline, and the cascade against the defaults."""
     from kerasunet.compare import compare_pair
 
-    arms = {"kerasunet": results["lesion_filter"]["after"]["cases"], "baseline": results["baseline"]["cases"],
-            "cascade": results["cascade_lesion_filter"]["after"]["cases"]}
+    arms = {"kerasunet": results["lesion_filter"]["after"]["cases"], "baseline": results["baseline"]["cases"]}
+    if "cascade_lesion_filter" in results:
+        arms["cascade"] = results["cascade_lesion_filter"]["after"]["cases"]
     lines = []
     for first, second in (("kerasunet", "baseline"), ("cascade", "kerasunet")):
+        if first not in arms:
+            continue
         for structure in ("liver", "tumour"):
             per_case = [{case: d[structure] for case, d in arms[name].items()} for name in (first, second)]
             if len(per_case[0]) >= 2:
