@@ -21,6 +21,8 @@ One run does everything, in ``--out`` (a temporary folder by default):
    ``lesion_filter.json``, :mod:`kerasunet.lesion_filter`); a second row shows it without.
    25 held-out phantoms by default (the issue's run had 5, too few to separate two models), and
    a paired bootstrap interval of the per-case Dice differences (:mod:`kerasunet.compare`).
+   Both are scored again with every held-out scan ``--shifts`` HU brighter or darker (±30 by
+   default): the contrast phase and the scanner move real livers by tens of HU.
 6. The liver-ROI cascade (:mod:`kerasunet.cascade`) within the same budget: stage 1 a kerasunet
    run for ``--stage1-share`` of it, stage 2 ``train --stage tumour --liver-model`` with its
    defaults (``--roi-size`` the phantoms' size, 10 mm margin) for the rest; scored as above,
@@ -171,15 +173,20 @@ def train_kerasunet(records: Path, out: Path, size: int, filters: int, cpu_budge
 
 # --- scoring ------------------------------------------------------------------------------------
 
-def segment(model, info, cases):
+def segment(model, info, cases, shift: float = 0.0):
     """``[(case_id, volume, truth, labels, probabilities)]`` for the held-out cases, without any
-    lesion filter (not even the run's own)."""
+    lesion filter (not even the run's own). ``shift``: HU added to every voxel first (a scan
+    whose tissue is brighter or darker than the training cases'; air stays below the window)."""
+    from dataclasses import replace
+
     from kerasunet.core.cases import load_case
     from kerasunet.predict import PredictSettings, predict_volume
 
     out = []
     for case in cases:
         volume, truth = load_case(case, "ct")
+        if shift:
+            volume = replace(volume, data=volume.data + np.float32(shift))
         labels, probs = predict_volume(model, info, volume, PredictSettings(run_lesion_filter=False))
         out.append((case.case_id, volume, truth, labels, probs))
     return out
@@ -216,6 +223,28 @@ def own_filter_effect(info, predictions) -> dict:
     thresholds = run_lesion_filter(info)
     after = scores(relabelled(predictions, info.mask_outputs, PredictSettings(lesion_filter=thresholds)))
     return {"thresholds": thresholds and thresholds.to_dict(), "after": after}
+
+
+def shifted(arms: dict, cases, shifts) -> dict:
+    """Tumour and liver Dice/case of each arm when every held-out scan is ``shift`` HU brighter
+    or darker, for each of ``shifts``: how much a model leans on the training scans' absolute
+    intensities. Real scans differ by tens of HU between contrast phases and scanners.
+
+    ``arms``: name -> ``(model, info, apply its own lesion filter)``.
+    """
+    from kerasunet.lesion_filter import run_lesion_filter
+    from kerasunet.predict import PredictSettings
+
+    out = {}
+    for name, (model, info, own_filter) in arms.items():
+        for shift in shifts:
+            predictions = segment(model, info, cases, shift)
+            if own_filter:
+                settings = PredictSettings(lesion_filter=run_lesion_filter(info))
+                predictions = relabelled(predictions, info.mask_outputs, settings)
+            r = scores(predictions)
+            out.setdefault(name, {})[f"{shift:+g}"] = {key: r[key] for key in ("liver_dice", "tumour_dice", "cases")}
+    return out
 
 
 def without_hole_filling(info, predictions) -> dict:
@@ -272,6 +301,9 @@ def main(argv=None) -> dict:
                         help="Seed of every training run (weights, data order, augmentation), to repeat "
                              "the benchmark on the same phantoms [train's default for kerasunet, the "
                              "phantom seed for the baseline].")
+    parser.add_argument("--shifts", type=lambda text: [float(v) for v in text.split(",") if v], default=[-30.0, 30.0],
+                        help="HU shifts of the held-out scans at which both models are scored again, "
+                             "comma-separated ('' for none) [-30,30].")
     parser.add_argument("--out", type=Path, default=None, help="Work folder [a temporary one].")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="kerasunet-quality-"))
@@ -298,6 +330,8 @@ def main(argv=None) -> dict:
     results["baseline"] |= {"wall_s": b_wall, **b_stats}
     results["lesion_filter"] = own_filter_effect(info, k_pred)
     results["no_hole_filling"] = without_hole_filling(info, k_pred)
+    results["shifted"] = shifted({"kerasunet": (k_model, info, True), "baseline": (b_model, b_info, False)},
+                                 test_cases, args.shifts)
     if args.cascade:
         results |= cascade_arm(records, out, args, k_stats["cpu_s"], test_cases)
     report(results, args)
@@ -347,6 +381,9 @@ def report(results: dict, args) -> None:
           + ", ".join(f"{name} {thresholds}" for name, thresholds in filters.items()))
     if "cascade" in results:
         print(f"cascade: stage 1 {args.stage1_share:.0%} of the budget, stage 2 the rest")
+    for name, by_shift in results.get("shifted", {}).items():
+        print(f"{name} with the scans shifted: " + ", ".join(
+            f"{shift} HU liver {r['liver_dice']:.3f} tumour {r['tumour_dice']:.3f}" for shift, r in by_shift.items()))
     for line in paired_lines(results):
         print(line)
     base = results["baseline"]["tumour_dice"]
