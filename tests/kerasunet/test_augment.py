@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerasunet.augment import AugmentSettings, augment
+from kerasunet.augment import AugmentSettings, augment, intensity
 
 NO_INTENSITY = dict(intensity_prob=0.0)
 FLIPS = dict(flip_prob=0.5, rot90=True)
@@ -72,3 +72,22 @@ def test_defaults_keep_left_and_right():
     for seed in range(6):
         image, _, x, _ = run(settings, (16, 16, 1), seed)
         np.testing.assert_array_equal(x, image)
+
+
+def test_brightness_shifts_tissue_and_leaves_the_clipped_floor():
+    # Contrast phases and scanners move tissue by tens of HU; air stays below the window.
+    settings = AugmentSettings(brightness=0.2, contrast_range=(1.0, 1.0), gamma_range=(1.0, 1.0), noise_std=0.0,
+                               intensity_prob=1.0)
+    image = np.full((16, 16, 3), -1.0, np.float32)  # the window's floor (air)
+    image[4:12, 3:13] = np.linspace(-0.5, 0.8, 10, dtype=np.float32)[None, :, None]
+    tissue = image > -1.0
+    shifts = set()
+    for seed in range(4):
+        seeds = tf.unstack(tf.random.experimental.stateless_split(tf.constant([seed, 7]), 9))
+        x = intensity(tf.constant(image), seeds, settings).numpy()
+        np.testing.assert_array_equal(x[~tissue], -1.0)
+        shift = x[tissue] - image[tissue]
+        np.testing.assert_allclose(shift, shift[0], atol=1e-5)  # one shift for the whole slice
+        assert 0 < abs(shift[0]) <= 0.2
+        shifts.add(round(float(shift[0]), 4))
+    assert len(shifts) == 4
