@@ -7,7 +7,7 @@ import re
 
 import click
 
-from kerasunet.core.choices import LOSSES, MODES, PRECISIONS, SCHEDULES
+from kerasunet.core.choices import AUGMENT_INTENSITIES, LOSSES, MODES, PRECISIONS, SCHEDULES
 from kerasunet.train_settings import MONITORS, PRESETS, STAGES, TrainError, TrainSettings, settings_from_options
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
@@ -58,6 +58,9 @@ def _option(*decls, name: str, **kwargs):
 @_option("--mixed-precision", name="mixed_precision", type=click.Choice(PRECISIONS),
          help="mixed_float16: auto = when a GPU is visible (slow on CPU).")
 @_option("--augment/--no-augment", name="augment", help="Augment training slices.")
+@_option("--augment-intensity", name="augment_intensity", type=click.Choice(AUGMENT_INTENSITIES),
+         help="Strength of the intensity augmentation: standard (robust to scans 30 HU brighter or darker), "
+              "or mild (short runs on one scanner's data).")
 @_option("--oversample-tumour", name="oversample_tumour", type=float,
          help="Share of training slices drawn from slices with tumour.")
 @_option("--steps-per-epoch", name="steps_per_epoch", type=click.IntRange(min=1),

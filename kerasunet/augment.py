@@ -10,9 +10,11 @@ Randomness is stateless: the same ``seed`` gives the same augmentation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tensorflow as tf
+
+from kerasunet.core.choices import AUGMENT_INTENSITIES
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,8 @@ class AugmentSettings:
         intensity_prob: chance of each intensity transform.
 
     The intensity ranges and their chance were raised in the seventh session (from ±0.1,
-    0.9-1.1 and 0.15): models trained with the old ones lost 0.04 liver Dice on held-out scans
-    30 HU darker (docs/quality.md, "Intensity shifts").
+    0.9-1.1 and 0.15, now :data:`MILD_INTENSITY`): models trained with the old ones lost 0.04
+    liver Dice on held-out scans 30 HU darker (docs/quality.md, "Intensity shifts").
     """
 
     flip_prob: float = 0.0
@@ -71,6 +73,18 @@ class AugmentSettings:
                 raise ValueError(f"Expected 0 < lo <= hi. Received: {name}={getattr(self, name)}")
         if self.elastic_grid < 2:
             raise ValueError(f"Expected elastic_grid >= 2. Received: elastic_grid={self.elastic_grid}")
+
+
+MILD_INTENSITY = dict(brightness=0.1, contrast_range=(0.9, 1.1), intensity_prob=0.15)
+"""The ``mild`` intensity transforms: the ranges and chance before the seventh session."""
+
+
+def with_intensity(settings: AugmentSettings, intensity: str) -> AugmentSettings:
+    """``settings`` with the intensity transforms of ``intensity`` (``AUGMENT_INTENSITIES``):
+    ``standard`` keeps them, ``mild`` sets :data:`MILD_INTENSITY`."""
+    if intensity not in AUGMENT_INTENSITIES:
+        raise ValueError(f"Expected intensity in {AUGMENT_INTENSITIES}. Received: intensity={intensity!r}")
+    return settings if intensity == "standard" else replace(settings, **MILD_INTENSITY)
 
 
 def _uniform(seed, lo=0.0, hi=1.0, shape=()):

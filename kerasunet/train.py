@@ -332,6 +332,7 @@ def check_memory_plan(settings: TrainSettings, manifest: dict, strategy, progres
 
 def make_patch_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: int) -> Inputs:
     """:func:`make_inputs` for ``--dims 3``: patches of volume records (:mod:`kerasunet.patches`)."""
+    from kerasunet.augment import with_intensity
     from kerasunet.patches import PATCH_AUGMENT, PATCHES_PER_VOLUME, get_patch_dataset, records_spacing
 
     s, splits = settings, manifest["splits"]
@@ -339,7 +340,8 @@ def make_patch_inputs(settings: TrainSettings, manifest: dict, strategy, start_e
     try:
         train_ds = get_patch_dataset(s.records, "train", s.batch_size, True, s.patch_size,
                                      foreground_share=s.oversample_tumour,
-                                     augment=PATCH_AUGMENT if s.augment else None, seed=s.seed + start_epoch,
+                                     augment=with_intensity(PATCH_AUGMENT, s.augment_intensity) if s.augment else None,
+                                     seed=s.seed + start_epoch,
                                      repeat=True, drop_remainder=True)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
@@ -366,7 +368,7 @@ def check_cascade(settings: TrainSettings, manifest: dict) -> None:
 
 def make_roi_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: int) -> Inputs:
     """:func:`make_inputs` for ``--stage tumour``: liver ROIs of the slice records (:mod:`kerasunet.cascade`)."""
-    from kerasunet.augment import AugmentSettings
+    from kerasunet.augment import AugmentSettings, with_intensity
     from kerasunet.cascade import case_liver_boxes, roi_dataset, roi_slice_count
 
     s, splits = settings, manifest["splits"]
@@ -375,7 +377,7 @@ def make_roi_inputs(settings: TrainSettings, manifest: dict, strategy, start_epo
     roi = dict(roi_size=s.roi_size, margin_mm=s.roi_margin_mm, boxes=boxes)
     try:
         train_ds = roi_dataset(s.records, "train", s.batch_size, True, **roi,
-                               augment=AugmentSettings() if s.augment else None,
+                               augment=with_intensity(AugmentSettings(), s.augment_intensity) if s.augment else None,
                                oversample_tumour=s.oversample_tumour, seed=s.seed + start_epoch,
                                repeat=True, drop_remainder=True)
         val = None
@@ -399,14 +401,14 @@ def make_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: 
     if settings.stage == "tumour":
         return make_roi_inputs(settings, manifest, strategy, start_epoch)
     from kerasunet import data
-    from kerasunet.augment import AugmentSettings
+    from kerasunet.augment import AugmentSettings, with_intensity
     s, splits = settings, manifest["splits"]
     output_names = manifest_outputs(manifest)
     steps = s.steps_per_epoch or max(1, splits["train"]["num_examples"] // s.batch_size)
     shape = dict(image_size=s.image_size, pad_to_multiple=None if s.image_size else 2**s.depth)
     try:
         train_ds = data.get_dataset(s.records, "train", s.batch_size, training=True, **shape,
-                                    augment=AugmentSettings() if s.augment else None,
+                                    augment=with_intensity(AugmentSettings(), s.augment_intensity) if s.augment else None,
                                     oversample_tumour=s.oversample_tumour, seed=s.seed + start_epoch,
                                     repeat=True, drop_remainder=True)
     except ValueError as exc:

@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kerasunet.core.choices import LOSSES, MODES, PRECISIONS, SCHEDULES
+from kerasunet.core.choices import AUGMENT_INTENSITIES, LOSSES, MODES, PRECISIONS, SCHEDULES
 from kerasunet.cascade import MARGIN_MM, ROI_SIZE
 from kerasunet.core.records_format import MANIFEST_FILE
 
@@ -74,6 +74,9 @@ class TrainSettings:
             training loss when the records have no validation split).
         mixed_precision: ``auto``, ``on`` or ``off``.
         augment: Random augmentation of training slices.
+        augment_intensity: Strength of its intensity transforms (``AUGMENT_INTENSITIES``):
+            ``standard``, or ``mild`` for short runs on one scanner's data
+            (:func:`kerasunet.augment.with_intensity`).
         oversample_tumour: Share of training slices drawn from slices with tumour; in 3D the
             share of patches centred on a foreground voxel (tumour, else liver).
         steps_per_epoch: Training steps per epoch; None is one pass over the train split.
@@ -110,6 +113,7 @@ class TrainSettings:
     schedule: str = "cosine"
     mixed_precision: str = "auto"
     augment: bool = True
+    augment_intensity: str = "standard"
     oversample_tumour: float = 0.33
     steps_per_epoch: int | None = None
     seed: int = 0
@@ -127,7 +131,7 @@ class TrainSettings:
     def __post_init__(self):
         for name, allowed in (("mode", MODES), ("loss", LOSSES), ("schedule", SCHEDULES),
                               ("mixed_precision", PRECISIONS), ("monitor", MONITORS),
-                              ("preset", (None, *PRESETS))):
+                              ("augment_intensity", AUGMENT_INTENSITIES), ("preset", (None, *PRESETS))):
             _check(getattr(self, name) in allowed, f"{name} in {allowed}", name, getattr(self, name))
         if self.mode != "scratch" and not self.pretrained:
             raise TrainError(f"--mode {self.mode} needs --pretrained (a CT run folder or .keras file)")

@@ -16,5 +16,11 @@ LOSSES = ("bce", "dice", "bce_dice", "focal", "masked")
 SCHEDULES = ("none", "cosine", "plateau")
 """Learning-rate schedules (:mod:`kerasunet.schedule`)."""
 
+AUGMENT_INTENSITIES = ("standard", "mild")
+"""``--augment-intensity``: the intensity transforms' strength (:func:`kerasunet.augment.with_intensity`).
+``standard`` (the default) keeps a model's Dice when scans are 30 HU brighter or darker than the
+training scans; ``mild`` (the ranges before the seventh session) fits short runs on one scanner's
+data faster."""
+
 PRECISIONS = ("auto", "on", "off")
 """``--mixed-precision`` settings: mixed_float16 when a GPU is visible, always, never."""

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerasunet.augment import AugmentSettings, augment, intensity
+from kerasunet.augment import MILD_INTENSITY, AugmentSettings, augment, intensity, with_intensity
 
 NO_INTENSITY = dict(intensity_prob=0.0)
 FLIPS = dict(flip_prob=0.5, rot90=True)
@@ -91,3 +91,15 @@ def test_brightness_shifts_tissue_and_leaves_the_clipped_floor():
         assert 0 < abs(shift[0]) <= 0.2
         shifts.add(round(float(shift[0]), 4))
     assert len(shifts) == 4
+
+
+def test_mild_intensity_keeps_the_geometry_and_weakens_only_the_intensity_transforms():
+    base = AugmentSettings(flip_prob=0.5, affine_prob=0.3)
+    assert with_intensity(base, "standard") == base
+    mild = with_intensity(base, "mild")
+    assert (mild.brightness, mild.contrast_range, mild.intensity_prob) == (0.1, (0.9, 1.1), 0.15)
+    assert mild.brightness < base.brightness and mild.intensity_prob < base.intensity_prob
+    assert (mild.flip_prob, mild.affine_prob, mild.gamma_range) == (0.5, 0.3, base.gamma_range)
+    assert set(MILD_INTENSITY) == {"brightness", "contrast_range", "intensity_prob"}
+    with pytest.raises(ValueError, match=r"Expected intensity in \('standard', 'mild'\). Received: intensity='x'"):
+        with_intensity(base, "x")

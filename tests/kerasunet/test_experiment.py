@@ -103,6 +103,7 @@ def test_experiment_runs_end_to_end_and_resumes(tiny_phantoms, tmp_path, tiny_pr
     # The settings printed are the ones the runs recorded.
     config = json.loads((tmp_path / "exp" / "runs" / INIT / "config.json").read_text())["train"]
     assert config["epochs"] == 2 and results["settings"][INIT] == config
+    assert config["augment_intensity"] == "mild"  # the preset's, not train's default
     assert _settings_row(text, "epochs") == ["`1`", "`2`", "`2`", "`2`"]
     # The MRI records skip the phantom set's defect cases, with their reasons.
     assert any("FZMC002" in line and "FZMC004" in line for line in lines)

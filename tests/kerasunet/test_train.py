@@ -312,6 +312,8 @@ def test_mismatched_pretrained_is_one_clear_error(ct_records, tmp_path):
     ("epochs", 0, r"Expected epochs >= 1. Received: epochs=0"),
     ("schedule", "step", r"Expected schedule in \('none', 'cosine', 'plateau'\). Received: schedule='step'"),
     ("oversample_tumour", 1.0, r"Expected 0 <= oversample_tumour < 1. Received: oversample_tumour=1.0"),
+    ("augment_intensity", "strong", r"Expected augment_intensity in \('standard', 'mild'\). "
+                                    r"Received: augment_intensity='strong'"),
 ])
 def test_settings_are_checked(field, value, message):
     with pytest.raises(TrainError, match=message):
