@@ -330,9 +330,16 @@ def check_memory_plan(settings: TrainSettings, manifest: dict, strategy, progres
         raise TrainError(str(exc)) from None
 
 
+def run_augment(settings: TrainSettings, base=None):
+    """The run's training augmentation, None with ``--no-augment``: ``base`` (default: the 2D
+    reader's ``AugmentSettings()``) with the intensity transforms of ``--augment-intensity``."""
+    from kerasunet.augment import AugmentSettings, with_intensity
+
+    return with_intensity(base or AugmentSettings(), settings.augment_intensity) if settings.augment else None
+
+
 def make_patch_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: int) -> Inputs:
     """:func:`make_inputs` for ``--dims 3``: patches of volume records (:mod:`kerasunet.patches`)."""
-    from kerasunet.augment import with_intensity
     from kerasunet.patches import PATCH_AUGMENT, PATCHES_PER_VOLUME, get_patch_dataset, records_spacing
 
     s, splits = settings, manifest["splits"]
@@ -340,8 +347,7 @@ def make_patch_inputs(settings: TrainSettings, manifest: dict, strategy, start_e
     try:
         train_ds = get_patch_dataset(s.records, "train", s.batch_size, True, s.patch_size,
                                      foreground_share=s.oversample_tumour,
-                                     augment=with_intensity(PATCH_AUGMENT, s.augment_intensity) if s.augment else None,
-                                     seed=s.seed + start_epoch,
+                                     augment=run_augment(s, PATCH_AUGMENT), seed=s.seed + start_epoch,
                                      repeat=True, drop_remainder=True)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
@@ -368,7 +374,6 @@ def check_cascade(settings: TrainSettings, manifest: dict) -> None:
 
 def make_roi_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: int) -> Inputs:
     """:func:`make_inputs` for ``--stage tumour``: liver ROIs of the slice records (:mod:`kerasunet.cascade`)."""
-    from kerasunet.augment import AugmentSettings, with_intensity
     from kerasunet.cascade import case_liver_boxes, roi_dataset, roi_slice_count
 
     s, splits = settings, manifest["splits"]
@@ -377,7 +382,7 @@ def make_roi_inputs(settings: TrainSettings, manifest: dict, strategy, start_epo
     roi = dict(roi_size=s.roi_size, margin_mm=s.roi_margin_mm, boxes=boxes)
     try:
         train_ds = roi_dataset(s.records, "train", s.batch_size, True, **roi,
-                               augment=with_intensity(AugmentSettings(), s.augment_intensity) if s.augment else None,
+                               augment=run_augment(s),
                                oversample_tumour=s.oversample_tumour, seed=s.seed + start_epoch,
                                repeat=True, drop_remainder=True)
         val = None
@@ -401,14 +406,14 @@ def make_inputs(settings: TrainSettings, manifest: dict, strategy, start_epoch: 
     if settings.stage == "tumour":
         return make_roi_inputs(settings, manifest, strategy, start_epoch)
     from kerasunet import data
-    from kerasunet.augment import AugmentSettings, with_intensity
+
     s, splits = settings, manifest["splits"]
     output_names = manifest_outputs(manifest)
     steps = s.steps_per_epoch or max(1, splits["train"]["num_examples"] // s.batch_size)
     shape = dict(image_size=s.image_size, pad_to_multiple=None if s.image_size else 2**s.depth)
     try:
         train_ds = data.get_dataset(s.records, "train", s.batch_size, training=True, **shape,
-                                    augment=with_intensity(AugmentSettings(), s.augment_intensity) if s.augment else None,
+                                    augment=run_augment(s),
                                     oversample_tumour=s.oversample_tumour, seed=s.seed + start_epoch,
                                     repeat=True, drop_remainder=True)
     except ValueError as exc:
