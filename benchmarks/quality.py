@@ -230,19 +230,14 @@ def shifted(arms: dict, cases, shifts) -> dict:
     or darker, for each of ``shifts``: how much a model leans on the training scans' absolute
     intensities. Real scans differ by tens of HU between contrast phases and scanners.
 
-    ``arms``: name -> ``(model, info, apply its own lesion filter)``.
+    ``arms``: name -> ``(model, info, apply its own lesion filter)``; with it, scored as
+    :func:`own_filter_effect` scores the unshifted scans.
     """
-    from kerasunet.lesion_filter import run_lesion_filter
-    from kerasunet.predict import PredictSettings
-
     out = {}
     for name, (model, info, own_filter) in arms.items():
         for shift in shifts:
             predictions = segment(model, info, cases, shift)
-            if own_filter:
-                settings = PredictSettings(lesion_filter=run_lesion_filter(info))
-                predictions = relabelled(predictions, info.mask_outputs, settings)
-            r = scores(predictions)
+            r = own_filter_effect(info, predictions)["after"] if own_filter else scores(predictions)
             out.setdefault(name, {})[f"{shift:+g}"] = {key: r[key] for key in ("liver_dice", "tumour_dice", "cases")}
     return out
 
