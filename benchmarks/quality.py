@@ -275,6 +275,11 @@ def make_data(out: Path, args) -> tuple[Path, list]:
     return records, find_cases(out / "test")[1]
 
 
+def hu_shifts(text: str) -> list[float]:
+    """``--shifts``: comma-separated HU (argparse names this function when one is not a number)."""
+    return [float(v) for v in text.split(",") if v]
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=15.0, help="Wall minutes per model on all cores.")
@@ -296,7 +301,7 @@ def main(argv=None) -> dict:
                         help="Seed of every training run (weights, data order, augmentation), to repeat "
                              "the benchmark on the same phantoms [train's default for kerasunet, the "
                              "phantom seed for the baseline].")
-    parser.add_argument("--shifts", type=lambda text: [float(v) for v in text.split(",") if v], default=[-30.0, 30.0],
+    parser.add_argument("--shifts", type=hu_shifts, default=[-30.0, 30.0],
                         help="HU shifts of the held-out scans at which both models are scored again, "
                              "comma-separated ('' for none) [-30,30].")
     parser.add_argument("--out", type=Path, default=None, help="Work folder [a temporary one].")
